@@ -1,0 +1,123 @@
+"""Load llama.cpp GGUF files (e.g. the SmolLM2 Q4_1 file) into our params.
+
+The `gguf` package reads the file and dequantizes each tensor to f32 (`gguf.quants.dequantize`); the
+array comes out in HF `[out, in]` order. llama.cpp's converter permuted the q/k projection rows into
+its interleaved-RoPE order; we undo that so our rotate-half RoPE applies unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.llama import Params
+from models.loading import CheckpointError, params_from_hf_state_dict
+
+# GGUF tensor name -> HF tensor name ({i} = layer index)
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+}
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader, name: str) -> ModelConfig:
+    """ModelConfig from a GGUF file's `llama.*` metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: 'llama'")
+    tensor_names = {t.name for t in reader.tensors}
+    num_heads = _field(reader, "llama.attention.head_count")
+    hidden = _field(reader, "llama.embedding_length")
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        name=name,
+        vocab_size=_field(reader, "llama.vocab_size", int(embed.shape[1])),
+        hidden_size=hidden,
+        intermediate_size=_field(reader, "llama.feed_forward_length"),
+        num_layers=_field(reader, "llama.block_count"),
+        num_heads=num_heads,
+        num_kv_heads=_field(reader, "llama.attention.head_count_kv", num_heads),
+        head_dim=_field(reader, "llama.rope.dimension_count", hidden // num_heads),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        max_position_embeddings=_field(reader, "llama.context_length", 2048),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (eos,),
+    )
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half halves).
+
+    weight: [num_heads * head_dim, in]. llama.cpp stores each head's rows as (d/2, 2) pairs; HF
+    stores them as (2, d/2) halves.
+    """
+    rows, cols = weight.shape
+    head_dim = rows // num_heads
+    return weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+    """Read a GGUF file and dequantize every tensor into our params (f32 or bf16)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader = gguf.GGUFReader(path)
+    config = config_from_gguf(reader, name=path.stem)
+    state: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        if hf_name is None:
+            continue  # e.g. rope_freqs tables that llama.cpp precomputes; not weights we use
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        array = array.reshape(tuple(reversed([int(n) for n in tensor.shape])))  # HF [out, in] order
+        if hf_name.endswith("q_proj.weight"):
+            array = unpermute_rope_rows(array, config.num_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            array = unpermute_rope_rows(array, config.num_kv_heads)
+        state[hf_name] = array
+    try:
+        params = params_from_hf_state_dict(state, config, dtype)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path.name}: {err}") from None
+    return config, params
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) > 2:
+        template, index = ".".join(["blk", "{i}", *parts[2:]]), parts[1]
+        hf = _GGUF_TO_HF.get(template)
+        return None if hf is None else hf.format(i=index)
+    return _GGUF_TO_HF.get(gguf_name)
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer (and chat template) stored in a GGUF file, via transformers, offline."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

@@ -1,0 +1,88 @@
+"""The naive KV cache: one contiguous `[batch, max_len, kv_heads, head_dim]` buffer per layer.
+
+This is what HF transformers (static cache) and FasterTransformer do: every sequence in the batch
+reserves `max_len` slots up front, whether it will use them or not. It is the baseline PagedAttention
+is measured against (see `paged_attention/` for the paged layout).
+
+Rows are addressed by token *position*: the token at position p of row b lives in slot `[b, p]`.
+A query at position p attends to every slot <= p of its row. Padding needs no special mask: pad
+tokens sit at positions past a row's real length, so real queries never see them, and the next real
+token written at that position overwrites them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each [batch, max_len, kv_heads, head_dim]
+
+
+def get_kv_cache_shape(batch_size: int, max_len: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Shape of one layer's K (or V) buffer in the contiguous layout."""
+    return (batch_size, max_len, num_kv_heads, head_dim)
+
+
+def init_kv_cache(num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                  dtype=jnp.float32) -> list[LayerCache]:
+    """Zeroed per-layer (k, v) buffers; a list so each layer's buffer can be updated in place."""
+    shape = get_kv_cache_shape(batch_size, max_len, num_kv_heads, head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+
+
+def kv_cache_bytes(cache: list[LayerCache]) -> int:
+    """Bytes the cache reserves on the device."""
+    return sum(k.nbytes + v.nbytes for k, v in cache)
+
+
+def write_kv(layer_cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+    """Scatter new keys/values into their rows' slots.
+
+    k, v: [batch, tokens, kv_heads, head_dim]; positions: i32[batch, tokens]. Positions outside
+    `[0, max_len)` are dropped (used for padding rows).
+    """
+    k_cache, v_cache = layer_cache
+    rows = jnp.arange(k.shape[0])[:, None]  # i32[batch, 1]
+    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     k_positions: jax.Array) -> jax.Array:
+    """Grouped-query attention where a query sees the keys at positions <= its own.
+
+    q: [batch, q_len, num_heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
+    q_positions: i32[batch, q_len]; k_positions: i32[batch, k_len] (or [1, k_len]).
+    Returns [batch, q_len, num_heads, head_dim] in q's dtype. Softmax is computed in f32.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = num_heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, group, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)  # f32[batch, kv_heads, group, q_len, k_len]
+    visible = k_positions[:, None, :] <= q_positions[:, :, None]  # bool[batch, q_len, k_len]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A query that sees nothing (only padding rows can) would give NaN; make it zero instead.
+    probs = jnp.where(visible[:, None, None].any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def contiguous_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache,
+                         positions: jax.Array) -> tuple[jax.Array, LayerCache]:
+    """Write this step's k/v into the cache, then attend over the whole reserved buffer.
+
+    q: [batch, tokens, num_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim];
+    positions: i32[batch, tokens]. Attending over all `max_len` slots (masked) is exactly the
+    waste the naive cache pays; PagedAttention reads only the real context.
+    """
+    layer_cache = write_kv(layer_cache, k, v, positions)
+    k_cache, v_cache = layer_cache
+    slot_positions = jnp.arange(k_cache.shape[1], dtype=positions.dtype)[None, :]  # i32[1, max_len]
+    out = causal_attention(q, k_cache, v_cache, positions, slot_positions)
+    return out, layer_cache
