@@ -50,9 +50,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not isinstance(self.eos_token_ids, tuple):
             raise ValueError(f"ModelConfig.eos_token_ids must be a tuple, got {self.eos_token_ids!r}")
-        for token in self.eos_token_ids + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
+        special = [("eos_token_ids", t) for t in self.eos_token_ids]
+        if self.bos_token_id is not None:
+            special.append(("bos_token_id", self.bos_token_id))
+        for field, token in special:
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"special token id {token} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(f"ModelConfig.{field}: token id {token} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
 
     @property
     def q_per_kv(self) -> int:

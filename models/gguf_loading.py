@@ -59,7 +59,8 @@ def config_from_gguf(reader, name: str) -> ModelConfig:
         num_kv_heads=_field(reader, "llama.attention.head_count_kv", num_heads),
         head_dim=_field(reader, "llama.rope.dimension_count", hidden // num_heads),
         rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))),
+        # GGUF stores f32; its shortest decimal (1e-05, not 9.99999975e-06) is the value that was meant
+        rms_norm_eps=float(str(np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)))),
         tie_word_embeddings="output.weight" not in tensor_names,
         max_position_embeddings=_field(reader, "llama.context_length", 2048),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
@@ -116,8 +117,13 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer (and chat template) stored in a GGUF file, via transformers, offline."""
+    """The tokenizer (and chat template) stored in a GGUF file, via transformers, offline.
+
+    Returns None when the file carries no tokenizer (no `tokenizer.ggml.tokens`)."""
+    import gguf
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if "tokenizer.ggml.tokens" not in gguf.GGUFReader(path).fields:
+        return None
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

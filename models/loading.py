@@ -148,7 +148,7 @@ def to_transformers(params: Params, config: ModelConfig):
     from transformers import LlamaForCausalLM
 
     hf_model = LlamaForCausalLM(config.to_hf()).eval()
-    state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, config).items()}
+    state = {k: torch.tensor(v) for k, v in params_to_hf_state_dict(params, config).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:

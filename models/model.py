@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import DTYPES, PRESETS, ModelConfig
-from models.generate import run_static_batch
+from models.static_batch import run_static_batch
 from models.llama import Params, init_params
 from models.sampling import SamplingConfig
 
@@ -93,9 +93,12 @@ def generate(model: Model, prompts: list[list[int]], max_new_tokens: int, temper
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k or 0,
                               top_p=1.0 if top_p is None else top_p, seed=seed)
-    batch_size = batch_size or len(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if batch_size is None:
+        batch_size = len(prompts)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 (or None for one batch), got {batch_size!r}")
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]

@@ -41,10 +41,11 @@ def write_kv(layer_cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax
     """Scatter new keys/values into their rows' slots.
 
     k, v: [batch, tokens, kv_heads, head_dim]; positions: i32[batch, tokens]. Positions outside
-    `[0, max_len)` are dropped (used for padding rows).
+    `[0, max_len)` (negative ones included) are dropped.
     """
     k_cache, v_cache = layer_cache
     rows = jnp.arange(k.shape[0])[:, None]  # i32[batch, 1]
+    positions = jnp.where(positions < 0, k_cache.shape[1], positions)  # negative: dropped, not wrapped
     k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache

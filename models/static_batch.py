@@ -1,4 +1,4 @@
-"""Naive generation: HF / FasterTransformer-style static batches over a contiguous KV cache.
+"""Naive generation (`models.generate` is built on it): HF / FasterTransformer-style static batches over a contiguous KV cache.
 
 A batch is padded (right padding) to a bucketed prompt length, one jitted prefill fills every row's
 cache, then one jitted decode step per token runs the whole batch until its longest member is done.
@@ -30,6 +30,11 @@ def bucket_pow2(n: int, minimum: int = 1) -> int:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
+
+
+def prompt_bucket(prompt_len: int) -> int:
+    """Padded prompt length a batch whose longest prompt has `prompt_len` tokens is compiled for."""
+    return bucket_pow2(prompt_len, minimum=16)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "filters"), donate_argnames=("kv_cache",))
@@ -69,19 +74,27 @@ class BatchResult:
 def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int]],
                      max_new_tokens: list[int], sampling: list[SamplingConfig], *,
                      row_ids: list[int] | None = None, ignore_eos: bool = False,
+                     batch_size: int | None = None, max_len: int | None = None,
                      on_step: Callable[[], None] | None = None) -> BatchResult:
     """Generate for one static batch; every row runs until the longest row is done.
 
     prompts: token ids per row; max_new_tokens / sampling: per row. row_ids name each row's PRNG
     stream (default 0..n-1), so a request's samples do not depend on which batch it landed in.
+    batch_size / max_len: reserve a fixed `[batch_size, max_len]` cache (FasterTransformer-style,
+    one shape for every batch) instead of the smallest bucket that fits this batch.
     """
     _validate(prompts, max_new_tokens, sampling, config)
     n = len(prompts)
-    batch = bucket_pow2(n)
-    prompt_len = bucket_pow2(max(map(len, prompts)), minimum=16)
-    max_len = round_up(prompt_len + max(max_new_tokens), 64)
-    if max_len > config.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens needs {max_len} positions; the model supports "
+    batch = bucket_pow2(n) if batch_size is None else batch_size
+    prompt_len = prompt_bucket(max(map(len, prompts)))
+    needed = prompt_len + max(max_new_tokens)
+    max_len = round_up(needed, 64) if max_len is None else max_len
+    if n > batch or needed > max_len:
+        raise ValueError(f"batch of {n} rows needing {needed} positions does not fit the reserved "
+                         f"cache batch_size={batch}, max_len={max_len}")
+    longest = max(len(p) + m for p, m in zip(prompts, max_new_tokens))
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens needs {longest} positions; the model supports "
                          f"max_position_embeddings={config.max_position_embeddings}")
     lengths = np.ones(batch, np.int32)  # padding rows: a 1-token prompt, output ignored
     lengths[:n] = [len(p) for p in prompts]
@@ -133,6 +146,8 @@ def _validate(prompts, max_new_tokens, sampling, config: ModelConfig) -> None:
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        if not all(isinstance(t, (int, np.integer)) for t in prompt):
+            raise ValueError(f"prompts[{i}] must be a list of int token ids, got {prompt[:4]!r}...")
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
             raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
     for i, m in enumerate(max_new_tokens):
