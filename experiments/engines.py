@@ -1,0 +1,133 @@
+"""Engines the harness can run, behind one small interface, and the serving loop they share.
+
+An engine is built from `(model, run_config, requests)` and offers `warmup()` (compile every shape
+the run will need, untimed) and `serve(requests, progress) -> RunTrace` (replay the arrivals in real
+time and record when each request got its first token and finished).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable, Protocol
+
+import jax.numpy as jnp
+
+import models
+from models.static_batch import num_compilations, prompt_bucket, round_up, run_static_batch
+from models.sampling import SamplingConfig
+from experiments.workloads import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestRecord:
+    request_id: int
+    prompt_len: int
+    output_len: int
+    arrival_s: float  # all times: seconds after the run started
+    first_token_s: float
+    finish_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutcome:
+    first_token_time: float  # time.perf_counter() when the batch's first tokens were on the host
+    end_time: float
+    kv_bytes_allocated: int
+    kv_bytes_used: int
+    generated_tokens: int  # every token computed, including rows that had already finished
+
+
+@dataclasses.dataclass
+class RunTrace:
+    records: list[RequestRecord]
+    wall_s: float
+    kv_bytes_allocated_peak: int
+    kv_bytes_used_peak: int
+    generated_tokens: int
+    num_compilations: int | None = None  # None where the engine does not compile (HF/torch)
+    warmup_s: float = 0.0
+
+
+class Engine(Protocol):
+    def warmup(self) -> None: ...
+    def serve(self, requests: list[Request], progress: Callable[[int], None]) -> RunTrace: ...
+
+
+def serve_static_batches(requests: list[Request], batch_size: int,
+                         run_batch: Callable[[list[Request]], BatchOutcome],
+                         progress: Callable[[int], None]) -> RunTrace:
+    """FasterTransformer-style serving: when idle, take up to `batch_size` requests that have
+    arrived (waiting for the next arrival if none has) and run them to completion as one batch.
+    Every request of a batch gets its answer when the whole batch ends."""
+    pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
+    records: list[RequestRecord] = []
+    alloc_peak = used_peak = generated = 0
+    start = time.perf_counter()
+    while pending:
+        wait = pending[0].arrival_s - (time.perf_counter() - start)
+        if wait > 0:
+            time.sleep(wait)
+        now = time.perf_counter() - start
+        batch = []
+        while pending and len(batch) < batch_size and pending[0].arrival_s <= now:
+            batch.append(pending.popleft())
+        outcome = run_batch(batch)
+        alloc_peak = max(alloc_peak, outcome.kv_bytes_allocated)
+        used_peak = max(used_peak, outcome.kv_bytes_used)
+        generated += outcome.generated_tokens
+        for r in batch:
+            records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
+                                         outcome.first_token_time - start, outcome.end_time - start))
+        progress(len(batch))
+    return RunTrace(records, time.perf_counter() - start, alloc_peak, used_peak, generated)
+
+
+class StaticEngine:
+    """Our naive engine: static batches on a fixed `[batch_size, max_len]` contiguous cache."""
+
+    def __init__(self, model: models.Model, run_config, requests: list[Request]):
+        self.model, self.batch_size = model, run_config.batch_size
+        self.prompt_buckets = sorted({prompt_bucket(len(r.prompt)) for r in requests})
+        self.max_len = round_up(self.prompt_buckets[-1] + max(r.output_len for r in requests), 64)
+        self.greedy = SamplingConfig()
+
+    def _run(self, prompts, output_lens, row_ids):
+        return run_static_batch(self.model.params, self.model.config, prompts, output_lens,
+                                [self.greedy] * len(prompts), row_ids=row_ids, ignore_eos=True,
+                                batch_size=self.batch_size, max_len=self.max_len)
+
+    def warmup(self) -> None:
+        """Compile the prefill for every prompt bucket in the workload, and the decode step."""
+        for bucket in self.prompt_buckets:
+            self._run([[0] * bucket], [2], [0])
+
+    def serve(self, requests, progress):
+        compiled_before = num_compilations()
+
+        def run_batch(batch: list[Request]) -> BatchOutcome:
+            result = self._run([list(r.prompt) for r in batch], [r.output_len for r in batch],
+                               [r.request_id for r in batch])
+            generated = self.batch_size * (result.decode_steps + 1)
+            return BatchOutcome(result.first_token_time, result.end_time, result.kv_bytes_allocated,
+                                result.kv_bytes_used, generated)
+
+        trace = serve_static_batches(requests, self.batch_size, run_batch, progress)
+        trace.num_compilations = num_compilations() - compiled_before
+        return trace
+
+
+def kv_bytes_per_token(model: models.Model) -> int:
+    return model.config.kv_bytes_per_token(jnp.dtype(model.params["embed"].dtype).itemsize)
+
+
+def make_engine(model: models.Model, run_config, requests: list[Request]) -> Engine:
+    """Build the engine a run config names."""
+    if run_config.engine == "static":
+        return StaticEngine(model, run_config, requests)
+    if run_config.engine == "hf":
+        from experiments.baselines.hf_generate import HFGenerateEngine
+
+        return HFGenerateEngine(model, run_config)
+    raise ValueError(f"unknown engine {run_config.engine!r}; allowed: 'static', 'hf'")

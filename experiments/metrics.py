@@ -1,0 +1,35 @@
+"""Turn a run's trace into the metrics named in shared/DESIGN.md (units in the names)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.engines import RunTrace
+
+
+def summarize(trace: RunTrace) -> dict[str, float | int | None]:
+    """Throughput, latency percentiles, TTFT and KV-memory figures of one run."""
+    records = trace.records
+    latency = np.array([r.finish_s - r.arrival_s for r in records])
+    ttft = np.array([r.first_token_s - r.arrival_s for r in records])
+    output_lens = np.array([r.output_len for r in records])
+    useful = int(output_lens.sum())
+    return {
+        "output_tokens_per_s": useful / trace.wall_s,
+        "requests_per_s": len(records) / trace.wall_s,
+        "latency_mean_s": float(latency.mean()),
+        "latency_p50_s": float(np.percentile(latency, 50)),
+        "latency_p99_s": float(np.percentile(latency, 99)),
+        "ttft_mean_s": float(ttft.mean()),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "normalized_latency_s_per_token": float(np.mean(latency / output_lens)),
+        "kv_bytes_allocated_peak": int(trace.kv_bytes_allocated_peak),
+        "kv_bytes_used_peak": int(trace.kv_bytes_used_peak),
+        "kv_utilization": trace.kv_bytes_used_peak / max(1, trace.kv_bytes_allocated_peak),
+        "output_tokens": useful,
+        "generated_tokens": int(trace.generated_tokens),
+        "wasted_token_fraction": 1.0 - useful / max(1, trace.generated_tokens),
+        "wall_s": trace.wall_s,
+        "warmup_s": trace.warmup_s,
+        "num_compilations": trace.num_compilations,
+    }

@@ -1,0 +1,100 @@
+"""Write results: markdown table (stdout), results.json / results.csv, and a PNG plot.
+
+results.json follows the schema in shared/DESIGN.md:
+    {"experiment", "model", "workload", "runs": [{"name", "config", "metrics"}], "claims": [...]}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (metric key, column header, format) shown in the stdout table
+TABLE_COLUMNS = [
+    ("output_tokens_per_s", "output tok/s", "{:.1f}"),
+    ("requests_per_s", "req/s", "{:.3f}"),
+    ("latency_mean_s", "latency mean s", "{:.2f}"),
+    ("latency_p50_s", "p50 s", "{:.2f}"),
+    ("latency_p99_s", "p99 s", "{:.2f}"),
+    ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
+    ("kv_bytes_allocated_peak", "KV peak MB", "{:.1f}"),
+    ("kv_bytes_used_peak", "KV real-token MB", "{:.1f}"),
+    ("kv_utilization", "KV util", "{:.1%}"),
+    ("wasted_token_fraction", "wasted tok", "{:.1%}"),
+]
+_MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """One row per run; the last column is throughput relative to the first run."""
+    header = ["run"] + [title for _, title, _ in TABLE_COLUMNS] + [f"vs {runs[0]['name']}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = runs[0]["metrics"]["output_tokens_per_s"]
+    for run in runs:
+        m = run["metrics"]
+        cells = [run["name"]]
+        for key, _, fmt in TABLE_COLUMNS:
+            value = m.get(key)
+            cells.append("-" if value is None else fmt.format(value / 1e6 if key in _MB else value))
+        cells.append(f"{m['output_tokens_per_s'] / base:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(claims: list[dict]) -> str:
+    """Paper number beside ours, for experiments that reproduce a published claim."""
+    lines = ["| claim | source | paper | ours | unit |", "|---|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | {c['source']} | {c['paper']} | {c['ours']:.3g} | {c['unit']} |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, result: dict) -> list[Path]:
+    """results.json, results.csv and throughput_latency.png under out_dir; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(result, indent=2))
+    csv_path = out_dir / "results.csv"
+    metric_keys = sorted({k for run in result["runs"] for k in run["metrics"]})
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "engine"] + metric_keys)
+        for run in result["runs"]:
+            writer.writerow([run["name"], run["config"].get("engine")]
+                            + [run["metrics"].get(k) for k in metric_keys])
+    return [json_path, csv_path, plot_runs(out_dir / "throughput_latency.png", result)]
+
+
+def plot_runs(path: Path, result: dict) -> Path:
+    """Bar charts: output tokens/s, latency p50/p99, and KV memory allocated vs holding real tokens."""
+    runs = result["runs"]
+    names = [r["name"] for r in runs]
+    x = range(len(runs))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(x, [r["metrics"]["output_tokens_per_s"] for r in runs], color="tab:blue")
+    axes[0].set_title("Throughput (output tokens/s)")
+    width = 0.38
+    axes[1].bar([i - width / 2 for i in x], [r["metrics"]["latency_p50_s"] for r in runs], width, label="p50")
+    axes[1].bar([i + width / 2 for i in x], [r["metrics"]["latency_p99_s"] for r in runs], width, label="p99")
+    axes[1].set_title("Request latency (s)")
+    axes[1].legend()
+    alloc = [r["metrics"]["kv_bytes_allocated_peak"] / 1e6 for r in runs]
+    used = [r["metrics"]["kv_bytes_used_peak"] / 1e6 for r in runs]
+    axes[2].bar(x, alloc, color="lightgray", label="reserved")
+    axes[2].bar(x, used, color="tab:green", label="holding real tokens")
+    axes[2].set_title("Peak KV cache (MB)")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(list(x), names, rotation=20, ha="right")
+    fig.suptitle(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
+                 f"x{result['workload']['num_requests']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,69 @@
+"""`python -m experiments.run CONFIG.yaml [--out DIR] [--smoke]`: run every configured engine on
+the same workload in one process, print a markdown table, write results.json/.csv and a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at run time
+
+from tqdm import tqdm  # noqa: E402
+
+import models  # noqa: E402
+from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from experiments.engines import make_engine  # noqa: E402
+from experiments.metrics import summarize  # noqa: E402
+from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
+from experiments.workloads import build_workload, describe  # noqa: E402
+
+
+def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
+    """Load the model once, build the workload once, run each engine on it; write and return results."""
+    t0 = time.perf_counter()
+    model = models.load(config.model, dtype=config.dtype, random_weights=config.random_weights)
+    requests = build_workload(config.workload, tokenizer=model.tokenizer, vocab_size=model.config.vocab_size)
+    print(f"model {config.model} ({model.config.num_params() / 1e6:.1f}M params, {model.dtype}) loaded "
+          f"in {time.perf_counter() - t0:.1f}s; workload: {describe(requests)}", file=sys.stderr)
+    runs = []
+    for run_config in config.runs:
+        engine = make_engine(model, run_config, requests)
+        start = time.perf_counter()
+        engine.warmup()
+        warmup_s = time.perf_counter() - start
+        with tqdm(total=len(requests), desc=run_config.name, unit="req", file=sys.stderr) as bar:
+            trace = engine.serve(requests, bar.update)
+        trace.warmup_s = warmup_s
+        runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})
+    result = {"experiment": config.experiment, "description": config.description, "model": config.model,
+              "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
+              "runs": runs, "claims": []}
+    paths = write_results(out_dir, result)
+    print(markdown_table(runs))
+    if result["claims"]:
+        print("\n" + claims_table(result["claims"]))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__)
+    parser.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/configs/quickstart.yaml")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
+    parser.add_argument("--smoke", action="store_true", help="apply the config's `smoke:` overrides (tiny, fast)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, smoke=args.smoke)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = args.out or Path("results") / (config.experiment + ("-smoke" if args.smoke else ""))
+    run_experiment(config, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

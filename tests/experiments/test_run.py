@@ -1,0 +1,66 @@
+"""The harness end to end on the smoke size of every shipped config (tiny model, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.run import main
+
+CONFIGS = sorted(Path("experiments/configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_smoke_run_writes_results(path, tmp_path, capsys):
+    assert main([str(path), "--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result) >= {"experiment", "model", "workload", "runs", "claims"}
+    assert result["experiment"] == path.stem
+    for run in result["runs"]:
+        m = run["metrics"]
+        assert set(run) >= {"name", "config", "metrics"}
+        assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0
+        assert m["latency_p50_s"] <= m["latency_p99_s"]
+        assert 0 < m["kv_bytes_used_peak"] <= m["kv_bytes_allocated_peak"]
+        assert m["output_tokens"] == pytest.approx(result["workload"]["mean_output_len"] * result["workload"]["num_requests"])
+        assert m["generated_tokens"] >= m["output_tokens"]
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [r["name"] for r in result["runs"]]
+    assert (tmp_path / "throughput_latency.png").stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert table.startswith("| run | output tok/s")
+    assert all(f"| {r['name']} |" in table for r in result["runs"])
+
+
+def test_static_engine_outputs_exact_lengths_and_counts_waste(tmp_path):
+    """Static batching: every request gets exactly its output length; the batch pays for the longest."""
+    import models
+    from experiments.config import StaticRunConfig
+    from experiments.engines import make_engine
+    from experiments.workloads import Request
+
+    model = models.load("tiny")
+    requests = [Request(0, (5, 6, 7), 3, 0.0), Request(1, (8,) * 20, 9, 0.0), Request(2, (9, 9), 1, 0.0)]
+    engine = make_engine(model, StaticRunConfig(name="s", engine="static", batch_size=4), requests)
+    engine.warmup()
+    done = []
+    trace = engine.serve(requests, done.append)
+    assert sum(done) == 3 and len(trace.records) == 3
+    assert trace.generated_tokens == 4 * 9  # 4 padded rows x the longest output
+    assert trace.num_compilations == 0  # warm-up compiled every shape
+    per_token = model.config.kv_bytes_per_token(4)
+    assert trace.kv_bytes_used_peak == (3 + 3 + 20 + 9 + 2 + 1) * per_token
+    assert trace.kv_bytes_allocated_peak == 4 * engine.max_len * per_token
+
+
+def test_unknown_key_exits_2_and_names_it(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("experiment: bad\nworkload: {kind: alpaca, num_requests: 2}\n"
+                    "runs: [{name: a, engine: static, batchsize: 4}]\n")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "runs[0].batchsize: unknown key; allowed keys: batch_size, engine, name" in err
