@@ -17,7 +17,8 @@ from paged_attention import contiguous
 def _no_cache(q, k, v, layer_cache, positions, metadata):
     """Causal attention within the given tokens only (a full forward without any cache)."""
     del layer_cache, metadata
-    return contiguous.causal_attention(q, k, v, positions, positions), None
+    head_major = (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [batch, kv_heads, tokens, head_dim]
+    return contiguous.causal_attention(q, *head_major, positions, positions), None
 
 
 def _contiguous(q, k, v, layer_cache, positions, metadata):

@@ -80,16 +80,32 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array, *, filters: bool = True) -> jax.Array:
+SAMPLING_KINDS = ("greedy", "random", "filtered")
+
+
+def sampling_kind(configs: list[SamplingConfig]) -> str:
+    """The cheapest `sample` kind that serves every row: a static jit argument, so a batch of greedy
+    rows never pays for random numbers over the vocabulary, nor an unfiltered one for a sort."""
+    if all(c.greedy for c in configs):
+        return "greedy"
+    return "filtered" if any(c.filters for c in configs) else "random"
+
+
+def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array, *, kind: str = "filtered") -> jax.Array:
     """Pick one token per row. logits: f32[batch, vocab]; step: i32[batch], tokens generated so far.
 
-    `filters=False` (static) skips the vocabulary sort when no row uses top-k/top-p.
+    kind (static): "greedy" (argmax only), "random" (temperature sampling, no top-k/top-p) or
+    "filtered" (everything). Each row still follows its own parameters within the kind.
     Returns i32[batch].
     """
+    if kind not in SAMPLING_KINDS:
+        raise ValueError(f"sampling kind must be one of {SAMPLING_KINDS}, got {kind!r}")
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if kind == "greedy":
+        return greedy_tokens
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
-    if filters:
+    if kind == "filtered":
         scaled = _filter_top_k_top_p(scaled, params.top_k, params.top_p)
     keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(params.keys, step)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)

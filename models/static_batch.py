@@ -19,7 +19,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.llama import Params, forward
-from models.sampling import SamplingArrays, SamplingConfig, sample
+from models.sampling import SamplingArrays, SamplingConfig, sample, sampling_kind
 from paged_attention.contiguous import init_kv_cache, kv_cache_bytes
 
 
@@ -37,21 +37,21 @@ def prompt_bucket(prompt_len: int) -> int:
     return bucket_pow2(prompt_len, minimum=16)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "filters"), donate_argnames=("kv_cache",))
-def prefill_step(params, tokens, positions, kv_cache, logits_indices, sampling, *, config, filters):
+@functools.partial(jax.jit, static_argnames=("config", "sampling_kind"), donate_argnames=("kv_cache",))
+def prefill_step(params, tokens, positions, kv_cache, logits_indices, sampling, *, config, sampling_kind):
     """Prompt pass: tokens/positions i32[batch, prompt_len]; returns (i32[batch] first tokens, cache)."""
     logits, kv_cache = forward(params, tokens, positions, kv_cache, config=config,
                                backend="contiguous", logits_indices=logits_indices)
     step = jnp.zeros(tokens.shape[0], jnp.int32)
-    return sample(logits, sampling, step, filters=filters), kv_cache
+    return sample(logits, sampling, step, kind=sampling_kind), kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "filters"), donate_argnames=("kv_cache",))
-def decode_step(params, tokens, positions, kv_cache, sampling, step, *, config, filters):
+@functools.partial(jax.jit, static_argnames=("config", "sampling_kind"), donate_argnames=("kv_cache",))
+def decode_step(params, tokens, positions, kv_cache, sampling, step, *, config, sampling_kind):
     """One token per row: tokens/positions i32[batch]; returns (i32[batch] next tokens, cache)."""
     logits, kv_cache = forward(params, tokens[:, None], positions[:, None], kv_cache, config=config,
                                backend="contiguous")
-    return sample(logits[:, 0], sampling, step, filters=filters), kv_cache
+    return sample(logits[:, 0], sampling, step, kind=sampling_kind), kv_cache
 
 
 def num_compilations() -> int:
@@ -105,14 +105,14 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
     pad_sampling = sampling + [SamplingConfig()] * (batch - n)
     row_ids = list(range(n)) if row_ids is None else list(row_ids)
     sampling_arrays = SamplingArrays.from_configs(pad_sampling, row_ids + [0] * (batch - n))
-    filters = any(s.filters for s in sampling)
+    kind = sampling_kind(sampling)
 
     dtype = params["embed"].dtype
     cache = init_kv_cache(config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim, dtype)
     kv_allocated = kv_cache_bytes(cache)
     logits_indices = jnp.asarray(np.arange(batch) * prompt_len + lengths - 1, jnp.int32)
     next_tokens, cache = prefill_step(params, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                                      logits_indices, sampling_arrays, config=config, filters=filters)
+                                      logits_indices, sampling_arrays, config=config, sampling_kind=kind)
     next_host = np.asarray(next_tokens)
     first_token_time = time.perf_counter()
 
@@ -131,7 +131,7 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
         step += 1
         step_array = jnp.full(batch, step, jnp.int32)
         next_tokens, cache = decode_step(params, next_tokens, jnp.asarray(lengths + step - 1), cache,
-                                         sampling_arrays, step_array, config=config, filters=filters)
+                                         sampling_arrays, step_array, config=config, sampling_kind=kind)
         next_host = np.asarray(next_tokens)
     per_token = config.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
     used = sum(len(p) + len(o) for p, o in zip(prompts, outputs)) * per_token

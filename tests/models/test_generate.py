@@ -21,7 +21,7 @@ def prompts(tiny_model, rng) -> list[list[int]]:
     return [rng.integers(3, tiny_model.config.vocab_size, size=n).tolist() for n in LENGTHS]
 
 
-# Each new (batch bucket, sampling filters, config) compiles two programs (~2.5 s on 2 CPU cores),
+# Each new (batch bucket, sampling kind, config) compiles two programs (~2.5 s on 2 CPU cores),
 # so the tests below reuse a few shapes: batch buckets 4, 2 and 1, prompt bucket 16, 64 slots.
 @pytest.mark.parametrize("kwargs", [{}, SAMPLED], ids=["greedy", "sampled"])
 def test_outputs_do_not_depend_on_batch_size(tiny_model, prompts, kwargs):

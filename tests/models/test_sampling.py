@@ -7,21 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.sampling import SamplingArrays, SamplingConfig, sample
+from models.sampling import SamplingArrays, SamplingConfig, sample, sampling_kind
 
-sample_jit = jax.jit(sample, static_argnames="filters")
+sample_jit = jax.jit(sample, static_argnames="kind")
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
 
-def draw(logits, configs, row_ids=None, step=0, filters=None) -> np.ndarray:
+def draw(logits, configs, row_ids=None, step=0, kind=None) -> np.ndarray:
     """Sample once per row; logits f32[batch, vocab] (or one row broadcast to len(configs))."""
     logits = np.asarray(logits, np.float32)
     if logits.ndim == 1:
         logits = np.broadcast_to(logits, (len(configs), logits.shape[0]))
     arrays = SamplingArrays.from_configs(configs, row_ids)
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (len(configs),))
-    filters = any(c.filters for c in configs) if filters is None else filters
-    return np.asarray(sample_jit(jnp.asarray(logits), arrays, steps, filters=filters))
+    kind = sampling_kind(configs) if kind is None else kind
+    return np.asarray(sample_jit(jnp.asarray(logits), arrays, steps, kind=kind))
 
 
 def many(config: SamplingConfig, n: int = 2000) -> list[SamplingConfig]:
@@ -105,9 +105,9 @@ def test_rows_use_their_own_parameters():
 
 
 def test_row_result_independent_of_batch_mates(logits):
-    """A row's token depends only on (seed, row id, step), not on other rows or the batch's filters."""
+    """A row's token depends only on (seed, row id, step), not on other rows or the batch's kind."""
     plain = SamplingConfig(temperature=1.0, seed=9)
-    alone = [int(draw(logits[3], [plain], [3], step=s, filters=False)[0]) for s in range(10)]
+    alone = [int(draw(logits[3], [plain], [3], step=s, kind="random")[0]) for s in range(10)]
     mates = [SamplingConfig(temperature=0.5, top_k=3, seed=1), SamplingConfig(), plain]
     batch = [int(draw(logits[[0, 1, 3]], mates, [0, 1, 3], step=s)[2]) for s in range(10)]
     assert alone == batch
@@ -131,3 +131,15 @@ def test_filters_flag():
     assert SamplingConfig(temperature=1.0, top_k=5).filters
     assert SamplingConfig(temperature=1.0, top_p=0.9).filters
     assert not SamplingConfig(temperature=1.0).filters
+
+
+def test_sampling_kind_is_the_cheapest_that_serves_all_rows(logits):
+    greedy, hot, nucleus = SamplingConfig(top_k=5), SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.0, top_p=0.9)
+    assert sampling_kind([greedy, greedy]) == "greedy"
+    assert sampling_kind([greedy, hot]) == "random"
+    assert sampling_kind([greedy, hot, nucleus]) == "filtered"
+    # a greedy row gives the argmax under every kind
+    for kind in ("greedy", "random", "filtered"):
+        assert draw(logits[0], [greedy], kind=kind)[0] == int(np.argmax(logits[0]))
+    with pytest.raises(ValueError, match="sampling kind must be one of"):
+        draw(logits[0], [greedy], kind="beam")
