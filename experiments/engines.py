@@ -34,8 +34,9 @@ class RequestRecord:
 class BatchOutcome:
     first_token_time: float  # time.perf_counter() when the batch's first tokens were on the host
     end_time: float
-    kv_bytes_allocated: int
-    kv_bytes_used: int
+    kv_bytes_allocated: int  # peak reservation during the batch
+    kv_bytes_used: int  # bytes holding real tokens at the batch's end
+    kv_utilization: float  # share of the reservation holding real tokens, averaged over steps
     generated_tokens: int  # every token computed, including rows that had already finished
 
 
@@ -45,7 +46,9 @@ class RunTrace:
     wall_s: float
     kv_bytes_allocated_peak: int
     kv_bytes_used_peak: int
+    kv_utilization: float  # per-step share of reserved KV bytes holding real tokens, time-weighted
     generated_tokens: int
+    prefill_s: float = 0.0  # time from a batch's start to its first tokens, summed over batches
     num_compilations: int | None = None  # None where the engine does not compile (HF/torch)
     warmup_s: float = 0.0
 
@@ -64,6 +67,7 @@ def serve_static_batches(requests: list[Request], batch_size: int,
     pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
     records: list[RequestRecord] = []
     alloc_peak = used_peak = generated = 0
+    prefill_s = weighted_util = busy_s = 0.0
     start = time.perf_counter()
     while pending:
         wait = pending[0].arrival_s - (time.perf_counter() - start)
@@ -73,7 +77,11 @@ def serve_static_batches(requests: list[Request], batch_size: int,
         batch = []
         while pending and len(batch) < batch_size and pending[0].arrival_s <= now:
             batch.append(pending.popleft())
+        batch_start = time.perf_counter()
         outcome = run_batch(batch)
+        prefill_s += outcome.first_token_time - batch_start
+        weighted_util += outcome.kv_utilization * (outcome.end_time - batch_start)
+        busy_s += outcome.end_time - batch_start
         alloc_peak = max(alloc_peak, outcome.kv_bytes_allocated)
         used_peak = max(used_peak, outcome.kv_bytes_used)
         generated += outcome.generated_tokens
@@ -81,7 +89,8 @@ def serve_static_batches(requests: list[Request], batch_size: int,
             records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
                                          outcome.first_token_time - start, outcome.end_time - start))
         progress(len(batch))
-    return RunTrace(records, time.perf_counter() - start, alloc_peak, used_peak, generated)
+    return RunTrace(records, time.perf_counter() - start, alloc_peak, used_peak, weighted_util / busy_s,
+                    generated, prefill_s)
 
 
 class StaticEngine:
@@ -111,7 +120,8 @@ class StaticEngine:
                                [r.request_id for r in batch])
             generated = self.batch_size * (result.decode_steps + 1)
             return BatchOutcome(result.first_token_time, result.end_time, result.kv_bytes_allocated,
-                                result.kv_bytes_used, generated)
+                                result.kv_bytes_used, result.kv_bytes_used_mean / result.kv_bytes_allocated,
+                                generated)
 
         trace = serve_static_batches(requests, self.batch_size, run_batch, progress)
         trace.num_compilations = num_compilations() - compiled_before

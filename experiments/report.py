@@ -27,6 +27,7 @@ TABLE_COLUMNS = [
     ("kv_bytes_used_peak", "KV real-token MB", "{:.1f}"),
     ("kv_utilization", "KV util", "{:.1%}"),
     ("wasted_token_fraction", "wasted tok", "{:.1%}"),
+    ("prefill_time_fraction", "prefill time", "{:.0%}"),
 ]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
 

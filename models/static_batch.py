@@ -68,6 +68,7 @@ class BatchResult:
     end_time: float
     kv_bytes_allocated: int  # the contiguous cache this batch reserved
     kv_bytes_used: int  # bytes of it that held real (prompt or generated) tokens at the end
+    kv_bytes_used_mean: float  # the same, averaged over the batch's steps (prefill + each decode)
     decode_steps: int
 
 
@@ -120,10 +121,12 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
     outputs: list[list[int]] = [[] for _ in range(n)]
     done = np.zeros(n, bool)
     step = 0
+    held_tokens = 0  # real tokens in the cache, summed over steps
     while True:
         for row in np.flatnonzero(~done):
             outputs[row].append(int(next_host[row]))
             done[row] = len(outputs[row]) >= max_new_tokens[row] or int(next_host[row]) in stop_ids
+        held_tokens += sum(len(p) + len(o) for p, o in zip(prompts, outputs))
         if on_step is not None:
             on_step()
         if done.all():
@@ -135,7 +138,8 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
         next_host = np.asarray(next_tokens)
     per_token = config.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
     used = sum(len(p) + len(o) for p, o in zip(prompts, outputs)) * per_token
-    return BatchResult(outputs, first_token_time, time.perf_counter(), kv_allocated, used, step)
+    used_mean = held_tokens / (step + 1) * per_token
+    return BatchResult(outputs, first_token_time, time.perf_counter(), kv_allocated, used, used_mean, step)
 
 
 def _validate(prompts, max_new_tokens, sampling, config: ModelConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
@@ -53,10 +54,13 @@ class HFGenerateEngine:
                                          pad_token_id=self.pad_id, streamer=timer)
         end = time.perf_counter()
         generated = out.shape[0] * (out.shape[1] - width)
-        # HF's DynamicCache grows to [batch, width + max_new] per layer by the end.
-        allocated = len(batch) * (width + max_new) * self.per_token_bytes
-        used = sum(len(r.prompt) + r.output_len for r in batch) * self.per_token_bytes
-        return BatchOutcome(timer.first_token_time or end, end, allocated, used, generated)
+        # HF's DynamicCache holds [batch, width + s] per layer after step s (grown by concatenation);
+        # row r holds real tokens for its prompt and its first min(s, output_len) outputs.
+        steps = np.arange(1, max_new + 1)
+        allocated = len(batch) * (width + steps)
+        used = sum(len(r.prompt) + np.minimum(steps, r.output_len) for r in batch)
+        return BatchOutcome(timer.first_token_time or end, end, int(allocated[-1]) * self.per_token_bytes,
+                            int(used[-1]) * self.per_token_bytes, float(np.mean(used / allocated)), generated)
 
     def warmup(self) -> None:
         self._generate([Request(0, (self.pad_id + 1,) * 4, 2, 0.0)])

@@ -25,8 +25,10 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
         assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0
         assert m["latency_p50_s"] <= m["latency_p99_s"]
         assert 0 < m["kv_bytes_used_peak"] <= m["kv_bytes_allocated_peak"]
+        assert 0 < m["kv_utilization"] <= 1
         assert m["output_tokens"] == pytest.approx(result["workload"]["mean_output_len"] * result["workload"]["num_requests"])
         assert m["generated_tokens"] >= m["output_tokens"]
+        assert 0 < m["prefill_time_fraction"] < 1
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [r["name"] for r in result["runs"]]
@@ -55,6 +57,9 @@ def test_static_engine_outputs_exact_lengths_and_counts_waste(tmp_path):
     per_token = model.config.kv_bytes_per_token(4)
     assert trace.kv_bytes_used_peak == (3 + 3 + 20 + 9 + 2 + 1) * per_token
     assert trace.kv_bytes_allocated_peak == 4 * engine.max_len * per_token
+    # steps 0..8 (prefill + 8 decodes): rows grow until their own output length, then stay
+    held = [sum(p + min(s + 1, o) for p, o in [(3, 3), (20, 9), (2, 1)]) for s in range(9)]
+    assert trace.kv_utilization == pytest.approx(sum(held) / 9 / (4 * engine.max_len))
 
 
 def test_unknown_key_exits_2_and_names_it(tmp_path, capsys):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 import models
+from models import static_batch as gen
 from models.sampling import SamplingConfig
-
-# the naive generator module behind `models.generate`
-gen = importlib.import_module("models.static_batch")
 
 SAMPLED = dict(temperature=0.8, top_k=20, top_p=0.9, seed=3)
 LENGTHS = [5, 13, 1, 8]  # batch bucket 4, prompt bucket 16, 64 cache slots (as in test_llama_vs_hf)
@@ -75,6 +71,9 @@ def test_kv_byte_accounting(tiny_model, prompts):
     assert result.kv_bytes_allocated == config.num_layers * 4 * 64 * per_slot
     assert result.kv_bytes_used == (sum(LENGTHS[:3]) + sum(counts)) * config.kv_bytes_per_token(4)
     assert result.kv_bytes_used == (19 + 14) * 3 * per_slot
+    # 7 steps (prefill + 6 decodes); each row holds its prompt plus min(step + 1, count) outputs
+    held = [sum(len(p) + min(s + 1, c) for p, c in zip(rows, counts)) for s in range(7)]
+    assert result.kv_bytes_used_mean == pytest.approx(sum(held) / 7 * config.kv_bytes_per_token(4))
 
 
 @pytest.mark.parametrize("prompts, max_new, match", [
