@@ -33,8 +33,10 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def prompt_bucket(prompt_len: int) -> int:
-    """Padded prompt length a batch whose longest prompt has `prompt_len` tokens is compiled for."""
-    return bucket_pow2(prompt_len, minimum=16)
+    """Padded prompt length a batch whose longest prompt has `prompt_len` tokens is compiled for:
+    powers of two up to 64 (16, 32, 64), then multiples of 64, so padding wastes at most 64 tokens
+    a row on long prompts (pow2 would waste up to half)."""
+    return bucket_pow2(prompt_len, minimum=16) if prompt_len <= 64 else round_up(prompt_len, 64)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling_kind"), donate_argnames=("kv_cache",))
