@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -56,10 +56,34 @@ class HFRunConfig(Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
+class MemorySimRunConfig(Strict):
+    """KV-memory simulation (vLLM Fig. 2 / 13): no model runs; see experiments/memory_sim.py."""
+
+    name: str
+    engine: Literal["memory_sim"]
+    reservation: Literal["max", "pow2", "oracle", "paged"]
+    kv_budget_tokens: int = Field(gt=0)  # KV slots available in all
+    max_len: int = Field(default=2048, gt=0)  # what Orca (Max) reserves per request
+    block_size: int = Field(default=16, gt=0)  # paged only
+    watermark: float = Field(default=0.01, ge=0, lt=1)  # paged: admit only if this share of blocks stays free (vLLM's default)
+
+
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
-RUN_CONFIGS = (StaticRunConfig, HFRunConfig)
+RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
+
+
+class ClaimConfig(Strict):
+    """A published number and the metric of ours that reproduces it (optionally as a ratio)."""
+
+    claim: str
+    source: str
+    paper: float
+    unit: str
+    run: str  # our run whose metric is compared
+    metric: str
+    ratio_to: str | None = None  # another run: ours = run's metric / ratio_to's metric
 
 
 class ExperimentConfig(Strict):
@@ -70,6 +94,7 @@ class ExperimentConfig(Strict):
     random_weights: bool = False
     workload: WorkloadConfig
     runs: list[RunConfig] = Field(min_length=1)
+    claims: list[ClaimConfig] = []
 
     @field_validator("runs")
     @classmethod
@@ -79,6 +104,16 @@ class ExperimentConfig(Strict):
         if duplicates:
             raise ValueError(f"run names must be unique; repeated: {duplicates}")
         return runs
+
+    @model_validator(mode="after")
+    def _claims_name_runs(self) -> "ExperimentConfig":
+        names = [r.name for r in self.runs]
+        for i, claim in enumerate(self.claims):
+            for key in ("run", "ratio_to"):
+                value = getattr(claim, key)
+                if value is not None and value not in names:
+                    raise ValueError(f"claims[{i}].{key}: unknown run {value!r}; allowed: {names}")
+        return self
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -119,7 +154,8 @@ def _format(err: ValidationError, source: str) -> str:
             allowed = _allowed_keys(ExperimentConfig, loc)
             lines.append(f"  {path}: unknown key; allowed keys: {', '.join(allowed)}")
         else:
-            lines.append(f"  {path or '(top level)'}: {e['msg']} (got {e.get('input')!r})")
+            got = f" (got {e.get('input')!r})" if loc else ""
+            lines.append(f"  {path or '(top level)'}: {e['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ class RunTrace:
     prefill_s: float = 0.0  # time from a batch's start to its first tokens, summed over batches
     num_compilations: int | None = None  # None where the engine does not compile (HF/torch)
     warmup_s: float = 0.0
+    simulated: bool = False  # times are model iterations, not seconds (memory simulations)
+    extra_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -140,4 +142,8 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
         from experiments.baselines.hf_generate import HFGenerateEngine
 
         return HFGenerateEngine(model, run_config)
-    raise ValueError(f"unknown engine {run_config.engine!r}; allowed: 'static', 'hf'")
+    if run_config.engine == "memory_sim":
+        from experiments.memory_sim import MemorySimEngine
+
+        return MemorySimEngine(model, run_config, requests)
+    raise ValueError(f"unknown engine {run_config.engine!r}; allowed: 'static', 'hf', 'memory_sim'")

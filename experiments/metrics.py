@@ -9,6 +9,8 @@ from experiments.engines import RunTrace
 
 def summarize(trace: RunTrace) -> dict[str, float | int | None]:
     """Throughput, latency percentiles, TTFT and KV-memory figures of one run."""
+    if trace.simulated:
+        return summarize_simulation(trace)
     records = trace.records
     latency = np.array([r.finish_s - r.arrival_s for r in records])
     ttft = np.array([r.first_token_s - r.arrival_s for r in records])
@@ -33,4 +35,19 @@ def summarize(trace: RunTrace) -> dict[str, float | int | None]:
         "wall_s": trace.wall_s,
         "warmup_s": trace.warmup_s,
         "num_compilations": trace.num_compilations,
+        **trace.extra_metrics,
+    }
+
+
+def summarize_simulation(trace: RunTrace) -> dict[str, float | int | None]:
+    """Memory figures of a simulated run, whose clock counts model iterations."""
+    latency = np.array([r.finish_s - r.arrival_s for r in trace.records])
+    useful = sum(r.output_len for r in trace.records)
+    return {
+        "kv_utilization": trace.kv_utilization,
+        "kv_bytes_allocated_peak": int(trace.kv_bytes_allocated_peak),
+        "kv_bytes_used_peak": int(trace.kv_bytes_used_peak),
+        "output_tokens_per_iteration": useful / trace.wall_s,
+        "latency_mean_iterations": float(latency.mean()),
+        **trace.extra_metrics,
     }

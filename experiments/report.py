@@ -29,21 +29,36 @@ TABLE_COLUMNS = [
     ("wasted_token_fraction", "wasted tok", "{:.1%}"),
     ("prefill_time_fraction", "prefill time", "{:.0%}"),
 ]
+# memory simulations (no clock): what the KV budget holds and how many requests it batches
+SIMULATION_COLUMNS = [
+    ("kv_utilization", "KV util (real tokens / budget)", "{:.1%}"),
+    ("mean_batched_requests", "mean batched requests", "{:.1f}"),
+    ("max_concurrent_requests", "max concurrent", "{:d}"),
+    ("preemptions", "preemptions", "{:d}"),
+    ("output_tokens_per_iteration", "output tok / iteration", "{:.1f}"),
+    ("kv_bytes_allocated_peak", "KV budget MB", "{:.1f}"),
+]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
+
+
+def _is_simulation(runs: list[dict]) -> bool:
+    return all("output_tokens_per_iteration" in run["metrics"] for run in runs)
 
 
 def markdown_table(runs: list[dict]) -> str:
     """One row per run; the last column is throughput relative to the first run."""
-    header = ["run"] + [title for _, title, _ in TABLE_COLUMNS] + [f"vs {runs[0]['name']}"]
+    columns = SIMULATION_COLUMNS if _is_simulation(runs) else TABLE_COLUMNS
+    speed = "output_tokens_per_iteration" if _is_simulation(runs) else "output_tokens_per_s"
+    header = ["run"] + [title for _, title, _ in columns] + [f"vs {runs[0]['name']}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = runs[0]["metrics"]["output_tokens_per_s"]
+    base = runs[0]["metrics"].get(speed)
     for run in runs:
         m = run["metrics"]
         cells = [run["name"]]
-        for key, _, fmt in TABLE_COLUMNS:
+        for key, _, fmt in columns:
             value = m.get(key)
             cells.append("-" if value is None else fmt.format(value / 1e6 if key in _MB else value))
-        cells.append(f"{m['output_tokens_per_s'] / base:.2f}x")
+        cells.append(f"{m[speed] / base:.2f}x" if base and m.get(speed) is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,7 +88,10 @@ def write_results(out_dir: Path, result: dict) -> list[Path]:
 
 
 def plot_runs(path: Path, result: dict) -> Path:
-    """Bar charts: output tokens/s, latency p50/p99, and KV memory allocated vs holding real tokens."""
+    """Bar charts: output tokens/s, latency p50/p99, and KV memory allocated vs holding real tokens
+    (for memory simulations: KV utilization and requests batched at once)."""
+    if _is_simulation(result["runs"]):
+        return plot_simulation(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -95,6 +113,25 @@ def plot_runs(path: Path, result: dict) -> Path:
         ax.set_xticks(list(x), names, rotation=20, ha="right")
     fig.suptitle(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
                  f"x{result['workload']['num_requests']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_simulation(path: Path, result: dict) -> Path:
+    """KV utilization and mean batched requests per reservation policy, paper numbers beside ours."""
+    runs = result["runs"]
+    names = [r["name"] for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(names, [100 * r["metrics"]["kv_utilization"] for r in runs], color="tab:green")
+    axes[0].set_title("KV memory holding real tokens (%)")
+    axes[0].set_ylim(0, 100)
+    axes[1].bar(names, [r["metrics"]["mean_batched_requests"] for r in runs], color="tab:blue")
+    axes[1].set_title("Requests batched at once (mean)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{result['experiment']} - {result['workload']['kind']} x{result['workload']['num_requests']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,13 +40,26 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
-              "runs": runs, "claims": []}
+              "runs": runs, "claims": evaluate_claims(config, runs)}
     paths = write_results(out_dir, result)
     print(markdown_table(runs))
     if result["claims"]:
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return result
+
+
+def evaluate_claims(config: ExperimentConfig, runs: list[dict]) -> list[dict]:
+    """Each configured claim with our number beside the paper's."""
+    metrics = {run["name"]: run["metrics"] for run in runs}
+    claims = []
+    for claim in config.claims:
+        ours = metrics[claim.run][claim.metric]
+        if claim.ratio_to is not None:
+            ours = ours / metrics[claim.ratio_to][claim.metric]
+        claims.append({"claim": claim.claim, "source": claim.source, "paper": claim.paper,
+                       "ours": float(ours), "unit": claim.unit})
+    return claims
 
 
 def main(argv: list[str] | None = None) -> int:

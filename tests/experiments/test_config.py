@@ -32,13 +32,17 @@ def test_defaults():
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d["runs"][0].update(batch_sizee=3), "runs[0].batch_sizee: unknown key; allowed keys: batch_size, engine, name"),
     (lambda d: d["workload"].update(rate=1), "workload.rate: unknown key; allowed keys: kind, max_output_len"),
-    (lambda d: d.update(modle="tiny"), "modle: unknown key; allowed keys: description, dtype, experiment"),
+    (lambda d: d.update(modle="tiny"), "modle: unknown key; allowed keys: claims, description, dtype, experiment"),
     (lambda d: d["runs"][0].update(engine="vllm"), "expected tags: 'static', 'hf'"),
     (lambda d: d["workload"].update(kind="c4"), "workload.kind: Input should be 'sharegpt' or 'alpaca'"),
     (lambda d: d.update(dtype="float16"), "dtype: Input should be 'float32' or 'bfloat16'"),
     (lambda d: d["workload"].update(num_requests=0), "workload.num_requests: Input should be greater than 0"),
     (lambda d: d["runs"].append({"name": "a", "engine": "hf"}), "run names must be unique; repeated: ['a']"),
     (lambda d: d.update(runs=[]), "runs: List should have at least 1 item"),
+    (lambda d: d.update(claims=[{"claim": "c", "source": "s", "paper": 1, "unit": "x", "run": "b",
+                                 "metric": "kv_utilization"}]), "claims[0].run: unknown run 'b'; allowed: ['a']"),
+    (lambda d: d["runs"].append({"name": "m", "engine": "memory_sim", "reservation": "buddy",
+                                 "kv_budget_tokens": 64}), "runs[1].reservation: Input should be 'max', 'pow2', 'oracle' or 'paged'"),
 ])
 def test_bad_configs_name_the_key(mutate, expected):
     data = copy.deepcopy(BASE)
