@@ -2,16 +2,21 @@
 
 A backend is a function `(q, k, v, layer_cache, positions, metadata) -> (out, layer_cache)` where
 q is `[*lead, num_heads, head_dim]`, k and v are `[*lead, kv_heads, head_dim]` (RoPE applied) and
-out is `[*lead, num_heads, head_dim]`. Later issues register the paged backends here.
+out is `[*lead, num_heads, head_dim]`.
+
+    contiguous       the naive `[batch, kv_heads, max_len, head_dim]` cache (or no cache at all)
+    paged            paged KV cache through the Pallas kernels (interpreted when there is no GPU)
+    paged_reference  the same cache through the kernels' pure-jnp references
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 
-from paged_attention import contiguous
+from paged_attention import contiguous, decode_kernel, kv_cache, prefill_kernel
 
 
 def _no_cache(q, k, v, layer_cache, positions, metadata):
@@ -29,8 +34,33 @@ def _contiguous(q, k, v, layer_cache, positions, metadata):
     return contiguous.contiguous_attention(q, k, v, layer_cache, positions)
 
 
+def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool):
+    """A paged cache `[kv_heads, num_blocks, block_size, head_dim]` per layer: write this step's
+    K/V into their slots, then attend through the block tables. Tokens are flat: q is
+    `[num_tokens, num_heads, head_dim]`. Decode-only steps use the one-query-per-sequence kernel;
+    anything else (prefill, chunked prefill, mixed) the ragged prefill kernel."""
+    del positions  # positions live in the metadata (context lengths and query offsets)
+    layer_cache = kv_cache.write_kv(layer_cache, k, v, metadata.slot_mapping)
+    k_cache, v_cache = layer_cache
+    if use_kernel:  # Pallas: compiled on a GPU, interpreted elsewhere
+        kernel_args = {"interpret": jax.default_backend() != "gpu"}
+        decode, prefill = decode_kernel.paged_decode_attention, prefill_kernel.paged_prefill_attention
+    else:
+        kernel_args = {}
+        decode = decode_kernel.paged_decode_attention_reference
+        prefill = prefill_kernel.paged_prefill_attention_reference
+    if metadata.decode_only:
+        out = decode(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, **kernel_args)
+    else:
+        out = prefill(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens,
+                      metadata.query_start_loc, **kernel_args)
+    return out, layer_cache
+
+
 BACKENDS: dict[str, Callable[..., tuple[jax.Array, Any]]] = {
     "contiguous": _contiguous,
+    "paged": functools.partial(_paged, use_kernel=True),
+    "paged_reference": functools.partial(_paged, use_kernel=False),
 }
 
 

@@ -1,0 +1,63 @@
+"""Attention metadata for a paged KV cache: the device arrays one model step needs.
+
+The model runner builds this from the block manager's host-side state; the `paged` attention backends
+read it. Token arrays are flat (`[num_tokens]`: the new tokens of every scheduled sequence, one after
+the other, padded at the end) and sequences are padded to a bucket, so `jax.jit` sees few shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedMetadata:
+    slot_mapping: jax.Array  # i32[num_tokens]: cache slot each new token's K/V goes to; -1 = padding
+    block_tables: jax.Array  # i32[num_seqs, max_blocks_per_seq]
+    context_lens: jax.Array  # i32[num_seqs]: tokens in the cache after this step; 0 = padding row
+    query_start_loc: jax.Array  # i32[num_seqs + 1]: sequence s owns tokens [qsl[s], qsl[s+1])
+    decode_only: bool = False  # static: every sequence has exactly one new token (decode kernel)
+
+    @classmethod
+    def build(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
+              query_lens: Sequence[int], block_size: int, *, num_tokens: int | None = None,
+              num_seqs: int | None = None, max_blocks: int | None = None) -> "PagedMetadata":
+        """From host lists: each sequence's block table, its context length after this step, and how
+        many new tokens it brings (its last `query_len` positions). Pads tokens, sequences and table
+        width to the given sizes (defaults: exact)."""
+        n = len(block_tables)
+        query_lens = np.asarray(query_lens, np.int64)
+        num_tokens = int(query_lens.sum()) if num_tokens is None else num_tokens
+        num_seqs = n if num_seqs is None else num_seqs
+        max_blocks = max(1, max(len(t) for t in block_tables)) if max_blocks is None else max_blocks
+        if query_lens.sum() > num_tokens or n > num_seqs:
+            raise ValueError(f"{query_lens.sum()} tokens / {n} sequences exceed the padded sizes "
+                             f"num_tokens={num_tokens}, num_seqs={num_seqs}")
+        tables = np.zeros((num_seqs, max_blocks), np.int32)
+        lens = np.zeros(num_seqs, np.int32)
+        slots = np.full(num_tokens, -1, np.int32)
+        starts = np.zeros(num_seqs + 1, np.int32)
+        offset = 0
+        for s, (table, context_len, q_len) in enumerate(zip(block_tables, context_lens, query_lens)):
+            if len(table) > max_blocks:
+                raise ValueError(f"sequence {s} has {len(table)} blocks > max_blocks={max_blocks}")
+            tables[s, :len(table)] = table
+            lens[s] = context_len
+            positions = np.arange(context_len - q_len, context_len)
+            table_arr = np.asarray(table, np.int64)
+            slots[offset:offset + q_len] = table_arr[positions // block_size] * block_size + positions % block_size
+            offset += int(q_len)
+            starts[s + 1] = offset
+        starts[n + 1:] = offset
+        decode_only = bool(n > 0 and np.all(query_lens == 1) and num_tokens == num_seqs)
+        return cls(jnp.asarray(slots), jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(starts), decode_only)
+
+
+jax.tree_util.register_dataclass(
+    PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
+    meta_fields=["decode_only"])
