@@ -38,6 +38,7 @@ class WorkloadConfig(Strict):
     seed: int = 0
     max_prompt_len: int | None = Field(default=None, gt=0)  # longer prompts are truncated
     max_output_len: int | None = Field(default=None, gt=0)  # longer outputs are capped
+    shared_prefix_len: int = Field(default=0, ge=0)  # same random tokens before every prompt (few-shot preamble)
 
 
 class StaticRunConfig(Strict):
@@ -56,6 +57,18 @@ class HFRunConfig(Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
+class PagedRunConfig(Strict):
+    """Our paged engine in static batches: blocks on demand, finished rows leave at once, optional
+    automatic prefix caching (cached full prompt blocks are not recomputed)."""
+
+    name: str
+    engine: Literal["paged"]
+    batch_size: int = Field(default=8, gt=0)
+    block_size: int = Field(default=16, gt=0)
+    enable_prefix_caching: bool = False
+    backend: Literal["paged_reference", "paged"] = "paged_reference"  # jnp references / Pallas kernels
+
+
 class MemorySimRunConfig(Strict):
     """KV-memory simulation (vLLM Fig. 2 / 13): no model runs; see experiments/memory_sim.py."""
 
@@ -68,8 +81,21 @@ class MemorySimRunConfig(Strict):
     watermark: float = Field(default=0.01, ge=0, lt=1)  # paged: admit only if this share of blocks stays free (vLLM's default)
 
 
+class SharingRunConfig(Strict):
+    """KV blocks saved by sharing (vLLM Fig. 15): parallel sampling (no model runs) or beam search
+    (the model runs); see experiments/sharing.py."""
+
+    name: str
+    engine: Literal["sharing_sim"]
+    mode: Literal["parallel_sampling", "beam_search"]
+    width: int = Field(ge=2)  # parallel samples per request (n), or the beam width
+    block_size: int = Field(default=16, gt=0)
+    max_requests: int = Field(default=20, gt=0)  # beam search only: the first this many requests
+    seed: int = 0  # parallel sampling only: draws of the other samples' output lengths
+
+
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
-RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig)
+RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

@@ -142,8 +142,17 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
         from experiments.baselines.hf_generate import HFGenerateEngine
 
         return HFGenerateEngine(model, run_config)
+    if run_config.engine == "paged":
+        from experiments.paged_engine import PagedStaticEngine
+
+        return PagedStaticEngine(model, run_config, requests)
     if run_config.engine == "memory_sim":
         from experiments.memory_sim import MemorySimEngine
 
         return MemorySimEngine(model, run_config, requests)
-    raise ValueError(f"unknown engine {run_config.engine!r}; allowed: 'static', 'hf', 'memory_sim'")
+    if run_config.engine == "sharing_sim":
+        from experiments.sharing import SharingSimEngine
+
+        return SharingSimEngine(model, run_config, requests)
+    raise ValueError(f"unknown engine {run_config.engine!r}; "
+                     "allowed: 'static', 'hf', 'paged', 'memory_sim', 'sharing_sim'")

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 # (metric key, column header, format) shown in the stdout table
 TABLE_COLUMNS = [
@@ -38,27 +39,53 @@ SIMULATION_COLUMNS = [
     ("output_tokens_per_iteration", "output tok / iteration", "{:.1f}"),
     ("kv_bytes_allocated_peak", "KV budget MB", "{:.1f}"),
 ]
+# block sharing (vLLM Fig. 15); a "config." key is read from the run's config, not its metrics
+SHARING_COLUMNS = [
+    ("config.mode", "mode", "{}"),
+    ("config.width", "n / beam width", "{:d}"),
+    ("memory_saved_fraction", "memory saved", "{:.1%}"),
+    ("blocks_with_sharing_mean", "blocks with sharing (mean)", "{:.1f}"),
+    ("blocks_without_sharing_mean", "blocks without sharing (mean)", "{:.1f}"),
+    ("cow_copies", "CoW copies", "{:d}"),
+    ("num_requests", "requests", "{:d}"),
+]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
+# table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
+_TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
+           "simulation": (SIMULATION_COLUMNS, "output_tokens_per_iteration"),
+           "sharing": (SHARING_COLUMNS, None)}
 
 
-def _is_simulation(runs: list[dict]) -> bool:
-    return all("output_tokens_per_iteration" in run["metrics"] for run in runs)
+def _table_kind(runs: list[dict]) -> str:
+    """'sharing', 'simulation' (memory, no clock) or 'serving', by the metrics every run has."""
+    if all("memory_saved_fraction" in run["metrics"] for run in runs):
+        return "sharing"
+    if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
+        return "simulation"
+    return "serving"
+
+
+def _value(run: dict, key: str):
+    if key.startswith("config."):
+        return run["config"].get(key.removeprefix("config."))
+    return run["metrics"].get(key)
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """One row per run; the last column is throughput relative to the first run."""
-    columns = SIMULATION_COLUMNS if _is_simulation(runs) else TABLE_COLUMNS
-    speed = "output_tokens_per_iteration" if _is_simulation(runs) else "output_tokens_per_s"
-    header = ["run"] + [title for _, title, _ in columns] + [f"vs {runs[0]['name']}"]
+    """One row per run; for timed runs and memory simulations the last column is throughput
+    relative to the first run."""
+    columns, speed = _TABLES[_table_kind(runs)]
+    header = ["run"] + [title for _, title, _ in columns] + ([f"vs {runs[0]['name']}"] if speed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = runs[0]["metrics"].get(speed)
+    base = runs[0]["metrics"].get(speed) if speed else None
     for run in runs:
         m = run["metrics"]
         cells = [run["name"]]
         for key, _, fmt in columns:
-            value = m.get(key)
+            value = _value(run, key)
             cells.append("-" if value is None else fmt.format(value / 1e6 if key in _MB else value))
-        cells.append(f"{m[speed] / base:.2f}x" if base and m.get(speed) is not None else "-")
+        if speed:
+            cells.append(f"{m[speed] / base:.2f}x" if base and m.get(speed) is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -89,8 +116,12 @@ def write_results(out_dir: Path, result: dict) -> list[Path]:
 
 def plot_runs(path: Path, result: dict) -> Path:
     """Bar charts: output tokens/s, latency p50/p99, and KV memory allocated vs holding real tokens
-    (for memory simulations: KV utilization and requests batched at once)."""
-    if _is_simulation(result["runs"]):
+    (for memory simulations: KV utilization and requests batched at once; for block sharing: the
+    memory it saves)."""
+    kind = _table_kind(result["runs"])
+    if kind == "sharing":
+        return plot_sharing(path, result)
+    if kind == "simulation":
         return plot_simulation(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
@@ -132,6 +163,27 @@ def plot_simulation(path: Path, result: dict) -> Path:
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"{result['experiment']} - {result['workload']['kind']} x{result['workload']['num_requests']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sharing(path: Path, result: dict) -> Path:
+    """Memory saved by block sharing per run (vLLM Fig. 15), one colour per mode."""
+    runs = result["runs"]
+    modes = sorted({r["config"].get("mode") for r in runs})
+    colors = dict(zip(modes, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    saved = [100 * r["metrics"]["memory_saved_fraction"] for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar([r["name"] for r in runs], saved, color=[colors[r["config"].get("mode")] for r in runs])
+    ax.bar_label(bars, fmt="%.1f%%")
+    ax.legend(handles=[Patch(color=color, label=str(mode)) for mode, color in colors.items()])
+    ax.set_ylabel("KV blocks saved by sharing (%)")
+    ax.set_ylim(0, max(100.0, max(saved) * 1.1))
+    ax.tick_params(axis="x", rotation=20)
+    ax.set_title(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
+                 f"x{result['workload']['num_requests']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,6 +5,8 @@
   vLLM's sampler: prompt and answer >= 4 tokens, prompt <= 1024, prompt + answer <= 2048.
 - `alpaca`: synthetic lengths with the Alpaca means the vLLM paper reports (19 prompt / 58 output
   tokens), gamma-distributed, random token ids.
+`shared_prefix_len` puts the same random tokens before every prompt (a few-shot preamble or system
+prompt: what prefix caching reuses).
 Arrivals are a Poisson process at `request_rate` (exponential gaps), or all at t=0 for `inf`.
 Every draw comes from one seeded numpy Generator, so a workload is reproducible.
 """
@@ -86,6 +88,10 @@ def build_workload(config: WorkloadConfig, *, tokenizer=None, vocab_size: int) -
     else:
         items = alpaca_lengths_and_prompts(vocab_size, config.num_requests, rng,
                                            config.max_prompt_len, config.max_output_len)
+    if config.shared_prefix_len:
+        low = min(100, vocab_size // 2)
+        prefix = tuple(rng.integers(low, vocab_size, config.shared_prefix_len).tolist())
+        items = [(prefix + prompt, out) for prompt, out in items]
     arrivals = arrival_times(config.num_requests, config.request_rate, rng)
     return [Request(i, prompt, out, float(t)) for i, ((prompt, out), t) in enumerate(zip(items, arrivals))]
 

@@ -53,7 +53,7 @@ def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool):
         out = decode(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, **kernel_args)
     else:
         out = prefill(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens,
-                      metadata.query_start_loc, **kernel_args)
+                      metadata.query_start_loc, max_query_len=metadata.max_query_len, **kernel_args)
     return out, layer_cache
 
 

@@ -22,6 +22,7 @@ class PagedMetadata:
     context_lens: jax.Array  # i32[num_seqs]: tokens in the cache after this step; 0 = padding row
     query_start_loc: jax.Array  # i32[num_seqs + 1]: sequence s owns tokens [qsl[s], qsl[s+1])
     decode_only: bool = False  # static: every sequence has exactly one new token (decode kernel)
+    max_query_len: int | None = None  # static: bound on any sequence's new tokens (a power of two)
 
     @classmethod
     def build(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -55,9 +56,12 @@ class PagedMetadata:
             starts[s + 1] = offset
         starts[n + 1:] = offset
         decode_only = bool(n > 0 and np.all(query_lens == 1) and num_tokens == num_seqs)
-        return cls(jnp.asarray(slots), jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(starts), decode_only)
+        longest = int(query_lens.max()) if n else 1
+        max_query_len = min(num_tokens, 1 << max(0, longest - 1).bit_length())  # bucketed: few compiles
+        return cls(jnp.asarray(slots), jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(starts),
+                   decode_only, max_query_len)
 
 
 jax.tree_util.register_dataclass(
     PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
-    meta_fields=["decode_only"])
+    meta_fields=["decode_only", "max_query_len"])

@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from paged_attention import contiguous
 from paged_attention.decode_kernel import (_check_cache, _check_kernel_shapes, _check_tables, _is_pow2,
                                            _load_kv_chunk, _next_pow2, _online_softmax_step, _padded_head_dim,
                                            default_blocks_per_chunk)
@@ -198,13 +199,16 @@ def paged_prefill_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache:
                                       max_query_len: int | None = None, block_q: int | None = None,
                                       blocks_per_chunk: int | None = None, num_warps: int = 4,
                                       num_stages: int = 2) -> jax.Array:
-    """Pure-jnp ragged paged prefill attention, same signature (the tuning arguments are ignored).
+    """Pure-jnp ragged paged prefill attention, same signature (tuning arguments ignored).
 
-    Finds each token's sequence and position, gathers that sequence's pages into a dense
+    Finds each token's sequence and position, gathers each sequence's pages into a dense
     `[max_blocks * block_size]` K/V, masks keys after the query's position (in the scores) and
     positions >= context_len (in V too: unused slots may hold NaN), and takes a plain f32 softmax.
+    With `max_query_len` (static), queries are first padded per sequence to `[num_seqs,
+    max_query_len]` so attention is one batched GEMM per sequence; without it, every token gets its
+    own copy of its sequence's keys (simplest, but memory grows as tokens x context).
     """
-    del interpret, max_query_len, block_q, blocks_per_chunk, num_warps, num_stages
+    del interpret, block_q, blocks_per_chunk, num_warps, num_stages
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_cache.shape
@@ -225,6 +229,9 @@ def paged_prefill_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache:
     v = v_cache[:, table].reshape(num_kv_heads, num_seqs, max_keys, head_dim).swapaxes(0, 1)
     key_pos = jnp.arange(max_keys)
     v = jnp.where((key_pos[None, :] < context_lens[:, None])[:, None, :, None], v, 0)
+    if max_query_len is not None:
+        return _attend_padded_by_sequence(q, k, v, seq, token - query_start_loc[seq], query_pos, is_query,
+                                          max_query_len)
     k, v = k[seq], v[seq]  # [tokens, kv_heads, max_keys, head_dim]
     visible = key_pos[None, :] <= query_pos[:, None]  # bool[tokens, max_keys]
 
@@ -235,3 +242,18 @@ def paged_prefill_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache:
     probs = jnp.where(visible[:, None, None, :], probs, 0.0)  # a token that sees nothing: NaN -> 0
     out = jnp.einsum("tkgs,tksd->tkgd", probs, v.astype(jnp.float32))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _attend_padded_by_sequence(q, k, v, seq, offset, query_pos, is_query, max_query_len: int):
+    """Scatter each token to row `offset` of its sequence's `[max_query_len]` query block, attend
+    per sequence (causal by position, GQA), gather back. k, v: [num_seqs, kv_heads, max_keys,
+    head_dim] with V already masked; tokens past max_query_len in their sequence are not computed."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, max_keys = k.shape[0], k.shape[2]
+    row = jnp.where(is_query & (offset < max_query_len), offset, max_query_len)  # out of range: dropped
+    q_pad = jnp.zeros((num_seqs, max_query_len, num_heads, head_dim), q.dtype).at[seq, row].set(q, mode="drop")
+    pos_pad = jnp.full((num_seqs, max_query_len), -1, jnp.int32).at[seq, row].set(query_pos, mode="drop")
+    key_pos = jnp.arange(max_keys, dtype=jnp.int32)[None, :]
+    out = contiguous.causal_attention(q_pad, k, v.astype(k.dtype), pos_pad, key_pos)  # [seqs, max_q, H, D]
+    out = out[seq, jnp.minimum(row, max_query_len - 1)]  # [tokens, num_heads, head_dim]
+    return jnp.where((row < max_query_len)[:, None, None], out, 0).astype(q.dtype)

@@ -27,6 +27,10 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
         if run["config"]["engine"] == "memory_sim":
             assert m["mean_batched_requests"] > 0 and m["output_tokens_per_iteration"] > 0
             continue
+        if run["config"]["engine"] == "sharing_sim":
+            assert 0 < m["memory_saved_fraction"] <= 1
+            assert m["blocks_with_sharing_mean"] < m["blocks_without_sharing_mean"]
+            continue
         assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0
         assert m["latency_p50_s"] <= m["latency_p99_s"]
         assert m["output_tokens"] == pytest.approx(result["workload"]["mean_output_len"] * result["workload"]["num_requests"])

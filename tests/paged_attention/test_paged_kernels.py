@@ -195,6 +195,11 @@ def test_prefill_kernel_and_reference_match_dense(block_size, group):
     assert out.shape == q.shape and out.dtype == jnp.float32
     assert_close(out, expected, jnp.float32)
     assert_close(paged_prefill_attention_reference(*args), expected, jnp.float32)
+    # the reference's per-sequence padded path (what the model uses on CPU), tight and loose bounds
+    for bound in (int(q_lens.max()), 64):
+        by_seq = paged_prefill_attention_reference(*args, max_query_len=bound)
+        assert_close(by_seq, expected, jnp.float32)
+        assert (np.asarray(by_seq)[query_start_loc[-1]:] == 0).all()
     assert (np.asarray(out)[query_start_loc[-1]:] == 0).all()  # padding tokens
 
 

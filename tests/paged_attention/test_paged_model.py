@@ -108,6 +108,8 @@ def test_metadata_build_slots_and_padding():
     assert np.asarray(md.context_lens).tolist() == [6, 3, 0]
     assert np.asarray(md.block_tables).tolist() == [[5, 2, 0], [7, 0, 0], [0, 0, 0]]
     assert not md.decode_only
-    assert PagedMetadata.build([[1], [2]], [3, 1], [1, 1], 4).decode_only
+    assert md.max_query_len == 4  # longest new chunk (3) rounded up to a power of two
+    decode = PagedMetadata.build([[1], [2]], [3, 1], [1, 1], 4)
+    assert decode.decode_only and decode.max_query_len == 1
     with pytest.raises(ValueError, match="exceed the padded sizes"):
         PagedMetadata.build([[1]], [5], [5], 4, num_tokens=4)
