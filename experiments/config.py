@@ -94,8 +94,21 @@ class SharingRunConfig(Strict):
     seed: int = 0  # parallel sampling only: draws of the other samples' output lengths
 
 
+class AttentionBenchRunConfig(Strict):
+    """Decode-attention micro-benchmark, contiguous vs paged at equal shapes (experiments/attention_bench.py)."""
+
+    name: str
+    engine: Literal["attention_bench"]
+    backend: Literal["contiguous", "paged_reference", "paged"]
+    batch_size: int = Field(default=8, gt=0)
+    context_len: int = Field(gt=0)
+    block_size: int = Field(default=16, gt=0)  # paged backends
+    iterations: int = Field(default=50, gt=0)
+
+
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
-RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig)
+RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig,
+               AttentionBenchRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

@@ -40,7 +40,10 @@ def summarize(trace: RunTrace) -> dict[str, float | int | None]:
 
 
 def summarize_simulation(trace: RunTrace) -> dict[str, float | int | None]:
-    """Memory figures of a simulated run, whose clock counts model iterations."""
+    """Memory figures of a simulated run, whose clock counts model iterations (a micro-benchmark,
+    which serves no requests, reports only its own figures)."""
+    if not trace.records:
+        return {"kv_bytes_allocated_peak": int(trace.kv_bytes_allocated_peak), **trace.extra_metrics}
     latency = np.array([r.finish_s - r.arrival_s for r in trace.records])
     useful = sum(r.output_len for r in trace.records)
     return {

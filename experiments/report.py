@@ -49,17 +49,30 @@ SHARING_COLUMNS = [
     ("cow_copies", "CoW copies", "{:d}"),
     ("num_requests", "requests", "{:d}"),
 ]
+# attention micro-benchmarks: the last column is time relative to the first run
+KERNEL_COLUMNS = [
+    ("config.backend", "backend", "{}"),
+    ("config.batch_size", "batch", "{:d}"),
+    ("config.context_len", "context", "{:d}"),
+    ("config.block_size", "block", "{:d}"),
+    ("attention_us_per_call", "attention us / call", "{:.1f}"),
+    ("kv_gb_per_s", "KV read GB/s", "{:.1f}"),
+    ("device", "device", "{}"),
+]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "simulation": (SIMULATION_COLUMNS, "output_tokens_per_iteration"),
-           "sharing": (SHARING_COLUMNS, None)}
+           "sharing": (SHARING_COLUMNS, None),
+           "kernel": (KERNEL_COLUMNS, "attention_us_per_call")}
 
 
 def _table_kind(runs: list[dict]) -> str:
     """'sharing', 'simulation' (memory, no clock) or 'serving', by the metrics every run has."""
     if all("memory_saved_fraction" in run["metrics"] for run in runs):
         return "sharing"
+    if all("attention_us_per_call" in run["metrics"] for run in runs):
+        return "kernel"
     if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
         return "simulation"
     return "serving"
@@ -123,6 +136,8 @@ def plot_runs(path: Path, result: dict) -> Path:
         return plot_sharing(path, result)
     if kind == "simulation":
         return plot_simulation(path, result)
+    if kind == "kernel":
+        return plot_kernel(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -184,6 +199,20 @@ def plot_sharing(path: Path, result: dict) -> Path:
     ax.tick_params(axis="x", rotation=20)
     ax.set_title(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
                  f"x{result['workload']['num_requests']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_kernel(path: Path, result: dict) -> Path:
+    """Microseconds per decode-attention call for each run (lower is better)."""
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs)), 4))
+    ax.bar([r["name"] for r in runs], [r["metrics"]["attention_us_per_call"] for r in runs], color="tab:purple")
+    ax.set_ylabel("us per call (median)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(f"{result['experiment']}: one layer's decode attention")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
