@@ -32,7 +32,8 @@ PACKAGES = tuple(ALLOWED_IMPORTS)
 # host-side code: no JAX at all, directly or through project modules (checked once the file exists).
 # experiments/config.py is here so a bad YAML key is reported at once, before JAX loads.
 HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
-             "continuous_batching/scheduler.py", "continuous_batching/request.py")
+             "continuous_batching/sampling_params.py", "continuous_batching/scheduler.py",
+             "continuous_batching/request.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 

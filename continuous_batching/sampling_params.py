@@ -1,0 +1,86 @@
+"""Per-request sampling parameters, as vLLM's `SamplingParams` / the OpenAI API define them.
+
+Host-side and JAX-free: the engine validates a request's parameters in `add_request`, so a bad
+value is rejected there with a message naming the field and its allowed values, and the engine keeps
+serving every other request. Defaults follow vLLM (temperature 1.0, 16 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # independent samples of the prompt (share its KV blocks)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output (1 = off)
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS (unless ignore_eos)
+    stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized output
+    max_tokens: int = 16
+    seed: int | None = None  # None: the engine's per-request default
+    logprobs: int | None = None  # return the top-k log-probs of each generated token
+    ignore_eos: bool = False
+    beam_width: int = 1  # > 1: beam search (greedy by summed log-probs)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("n", _int(self.n) and self.n >= 1, "an int >= 1"),
+            ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", _int(self.top_k) and self.top_k >= 0, "an int >= 0 (0 = off)"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a number > 0 (1 = off)"),
+            ("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("frequency_penalty", _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, tuple)
+             and all(_int(t) and t >= 0 for t in self.stop_token_ids), "a tuple of token ids >= 0"),
+            ("stop", isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+             "a tuple of non-empty strings"),
+            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1"),
+            ("seed", self.seed is None or _int(self.seed), "None or an int"),
+            ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
+             "None or an int in [0, 20]"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            ("beam_width", _int(self.beam_width) and self.beam_width >= 1, "an int >= 1"),
+        ]
+        for field, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{field} must be {allowed}, got {getattr(self, field)!r}")
+        if self.beam_width > 1 and (self.temperature != 0 or self.top_k or self.top_p < 1):
+            raise ValueError("SamplingParams.beam_width > 1 (beam search) needs temperature=0 and no "
+                             f"top_k/top_p, got temperature={self.temperature!r}, top_k={self.top_k!r}, "
+                             f"top_p={self.top_p!r}")
+        if self.beam_width > 1 and self.n > self.beam_width:
+            raise ValueError(f"SamplingParams.n ({self.n}) must be <= beam_width ({self.beam_width}): "
+                             "beam search returns at most beam_width sequences")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        """From a plain dict (e.g. an API request); unknown keys name the allowed ones."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {allowed}")
+        data = {k: tuple(v) if k in ("stop_token_ids", "stop") and isinstance(v, list) else v
+                for k, v in data.items()}
+        return cls(**data)
