@@ -19,6 +19,7 @@ import numpy as np
 
 import models
 from models.llama import forward
+from models.static_batch import bucket_pow2
 from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes
 from paged_attention.metadata import PagedMetadata
 
@@ -38,6 +39,11 @@ def _greedy_step(params, tokens, positions, kv_cache, metadata, logits_indices, 
     logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config,
                                backend=backend, logits_indices=logits_indices)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv_cache
+
+
+def num_compilations() -> int:
+    """Programs compiled so far by the runner's jitted step (one per distinct shape)."""
+    return _greedy_step._cache_size()
 
 
 class PagedModelRunner:
@@ -61,7 +67,7 @@ class PagedModelRunner:
         per sequence, has the decode kernel's shape), else the next power of two."""
         if num_tokens <= self.max_num_seqs:
             return self.max_num_seqs
-        return 1 << (num_tokens - 1).bit_length()
+        return bucket_pow2(num_tokens)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply copy-on-write copies [(src, dst)] the block manager asked for."""

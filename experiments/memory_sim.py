@@ -21,8 +21,9 @@ import collections
 import dataclasses
 import time
 
+from models.static_batch import bucket_pow2
 from paged_attention.block_manager import BlockManager
-from experiments.engines import RequestRecord, RunTrace
+from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 
 
@@ -31,7 +32,7 @@ def reservation(policy: str, prompt_len: int, output_len: int, max_len: int) -> 
     if policy == "max":
         return max_len
     if policy == "pow2":
-        return prompt_len + (1 << max(0, output_len - 1).bit_length())
+        return prompt_len + bucket_pow2(output_len)
     if policy == "oracle":
         return prompt_len + output_len
     raise ValueError(f"unknown reservation policy {policy!r}; allowed: 'max', 'pow2', 'oracle', 'paged'")
@@ -53,7 +54,7 @@ class MemorySimEngine:
         self.policy, self.max_len = run_config.reservation, run_config.max_len
         self.budget, self.block_size = run_config.kv_budget_tokens, run_config.block_size
         self.watermark_blocks = int(run_config.watermark * (self.budget // self.block_size))
-        self.per_token_bytes = model.config.kv_bytes_per_token(4)
+        self.per_token_bytes = kv_bytes_per_token(model)
         too_long = [r.request_id for r in requests if len(r.prompt) + r.output_len > self.max_len]
         if too_long:
             raise ValueError(f"requests {too_long[:5]} exceed max_len={self.max_len}; cap the workload")

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import time
 
-import jax.numpy as jnp
-
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep, _greedy_step
+from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
 from paged_attention.block_manager import BlockManager
-from experiments.engines import BatchOutcome, serve_static_batches
+from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches
 from experiments.workloads import Request
 
 
@@ -31,7 +29,7 @@ class PagedStaticEngine:
         self.runner = PagedModelRunner(model, num_blocks=num_blocks, block_size=self.block_size,
                                        max_num_seqs=self.batch_size, max_blocks_per_seq=max_blocks,
                                        backend=run_config.backend)
-        self.per_token_bytes = model.config.kv_bytes_per_token(jnp.dtype(model.params["embed"].dtype).itemsize)
+        self.per_token_bytes = kv_bytes_per_token(model)
         self.requests = requests
         self.prompt_tokens = self.cached_tokens = 0
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
@@ -47,9 +45,9 @@ class PagedStaticEngine:
         self.outputs.clear()
 
     def serve(self, requests, progress):
-        compiled_before = _greedy_step._cache_size()
+        compiled_before = num_compilations()
         trace = serve_static_batches(requests, self.batch_size, self._run_batch, progress)
-        trace.num_compilations = _greedy_step._cache_size() - compiled_before
+        trace.num_compilations = num_compilations() - compiled_before
         trace.extra_metrics = {
             "prefix_cache_hit_rate": self.manager.hit_rate,
             "cached_prompt_token_fraction": self.cached_tokens / max(1, self.prompt_tokens)}

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.engines import RequestRecord, RunTrace
+from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 from models.llama import forward
 from models.static_batch import prompt_bucket, round_up
@@ -191,7 +191,7 @@ class SharingSimEngine:
         self.model, self.mode, self.width = model, run_config.mode, run_config.width
         self.block_size, self.seed = run_config.block_size, run_config.seed
         self.max_requests = run_config.max_requests
-        self.per_token_bytes = model.config.kv_bytes_per_token(4)
+        self.per_token_bytes = kv_bytes_per_token(model)
         if self.mode == "beam_search":
             needed = max(len(r.prompt) + r.output_len for r in requests[:self.max_requests])
             if needed > model.config.max_position_embeddings:
