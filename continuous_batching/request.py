@@ -15,6 +15,7 @@ import enum
 class Status(enum.Enum):
     WAITING = "waiting"  # not in the cache (new, or preempted by recompute)
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swapping: its blocks wait in the CPU pool
     FINISHED_STOPPED = "finished_stopped"  # EOS or a stop token
     FINISHED_LENGTH = "finished_length"  # max_tokens reached
     FINISHED_ABORTED = "finished_aborted"
@@ -35,6 +36,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     num_preemptions: int = 0
+    key: object = None  # the request's raw PRNG key (u32[2] numpy), set by the engine
 
     @property
     def tokens(self) -> list[int]:

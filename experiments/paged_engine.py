@@ -64,7 +64,7 @@ class PagedStaticEngine:
             self.prompt_tokens += len(r.prompt)
             self.cached_tokens += cached
             steps.append(SeqStep(manager.get_block_table(r.request_id), len(r.prompt), list(r.prompt[cached:])))
-        outputs = {r.request_id: [t] for r, t in zip(batch, runner.step(steps))}
+        outputs = {r.request_id: [t] for r, t in zip(batch, runner.step(steps).tokens)}
         self.outputs.update(outputs)  # the same lists, filled as the batch runs
         first_token_time = time.perf_counter()
         live = list(batch)
@@ -87,7 +87,7 @@ class PagedStaticEngine:
                 runner.copy_blocks(copies)
                 steps.append(SeqStep(manager.get_block_table(r.request_id), manager.num_tokens(r.request_id),
                                      [outputs[r.request_id][-1]]))
-            for r, token in zip(live, runner.step(steps)):
+            for r, token in zip(live, runner.step(steps).tokens):
                 outputs[r.request_id].append(token)
         per_block = self.block_size * self.per_token_bytes
         return BatchOutcome(first_token_time, time.perf_counter(), alloc_peak * per_block,

@@ -1,0 +1,253 @@
+"""The serving engine: requests in, tokens out, one scheduler step at a time.
+
+    engine = Engine(models.load("smollm2-135m"), EngineConfig(policy="continuous"))
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step(): ...        # RequestOutput: new tokens per request, finished flag
+    engine.generate(prompts, params)         # the same loop with a progress bar
+
+Each step: the scheduler plans (`scheduler.py`), the engine applies the plan's block moves to the
+device cache (swap-out, copy-on-write, swap-in, in that order), the model runner runs one jitted
+model step and samples on device (`model_runner.py`), and the scheduler records the tokens. A
+request with `n > 1` runs as n sequences (with prefix caching on, they share the prompt's blocks).
+Bad input raises `ValueError` in `add_request`, naming the field; the engine's state is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import models
+from continuous_batching.engine_config import EngineConfig
+from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
+from continuous_batching.request import Sequence, Status
+from continuous_batching.reservation import ReservationManager, reservation_tokens
+from continuous_batching.sampler import request_key
+from continuous_batching.sampling_params import SamplingParams
+from continuous_batching.scheduler import Scheduler
+from continuous_batching.stop_checker import StopChecker
+from paged_attention.block_manager import BlockManager
+from paged_attention.kv_cache import swap_in_blocks, swap_out_blocks
+
+FINISH_REASONS = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "length",
+                  Status.FINISHED_ABORTED: "abort"}
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # every token generated so far
+    new_token_ids: list[int]  # the tokens this step added
+    text: str | None  # detokenized output once finished (None before, or without a tokenizer)
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per token: (its lp, top-k (id, lp))
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: int
+    params: SamplingParams
+    seqs: list[Sequence]
+    stop: StopChecker | None
+    logprobs: list[list] = dataclasses.field(default_factory=list)  # per sample
+
+
+class Engine:
+    """Continuous-batching engine over one model (see the module docstring)."""
+
+    def __init__(self, model: models.Model, config: EngineConfig = EngineConfig()):
+        self.model, self.config = model, config
+        if config.paged:
+            self.manager = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks,
+                                        config.enable_prefix_caching)
+            reserve = None
+        else:
+            self.manager = ReservationManager(config.num_blocks, config.block_size)
+            rule = "max" if config.policy == "static" else config.reservation
+            reserve = lambda seq: reservation_tokens(rule, len(seq.prompt), seq.max_tokens, config.max_model_len)
+        self.scheduler = Scheduler(self.manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   chunked_prefill=config.policy == "chunked_prefill",
+                                   preemption=config.preemption, admit_when_idle=config.policy == "static",
+                                   reserve=reserve)
+        self.runner = PagedModelRunner(model, num_blocks=config.num_blocks, block_size=config.block_size,
+                                       max_num_seqs=config.max_num_seqs,
+                                       max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend)
+        self.host_pool = None  # per layer (k, v) numpy [kv_heads, num_cpu_blocks, block_size, head_dim]
+        self.requests: dict[int, _Request] = {}
+        self.seq_owner: dict[int, tuple[int, int]] = {}  # seq id -> (request id, sample index)
+        self._request_ids, self._seq_ids = itertools.count(), itertools.count()
+        self.num_steps = 0
+
+    # ----- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: list[int] | str, params: SamplingParams | dict | None = None) -> int:
+        """Queue a request; returns its id. Raises ValueError (naming the field) on bad input."""
+        params = SamplingParams() if params is None else params
+        params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams or a dict, got {type(params).__name__}")
+        prompt = self._prompt_ids(prompt)
+        self._check_fits(len(prompt), params)
+        if params.beam_width > 1:
+            raise ValueError("SamplingParams.beam_width must be 1: beam search is not implemented yet")
+        if params.stop and self.model.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs a model with a tokenizer; use stop_token_ids")
+        request_id = next(self._request_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.model.config.eos_token_ids))
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), list(prompt), params.max_tokens, stop_ids)
+            seq.key = request_key(params.seed, index) if params.seed is not None else \
+                request_key(self.config.seed, seq.seq_id)
+            self.seq_owner[seq.seq_id] = (request_id, index)
+            seqs.append(seq)
+        stop = StopChecker(self.model.tokenizer, params.stop) if params.stop else None
+        self.requests[request_id] = _Request(request_id, params, seqs, stop, [[] for _ in seqs])
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.model.tokenizer is None:
+                raise ValueError("prompt is a string but the model has no tokenizer; pass token ids")
+            prompt = self.model.tokenizer(prompt).input_ids
+        vocab = self.model.config.vocab_size
+        if not (isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in prompt)):
+            raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab}) or a string")
+        return [int(t) for t in prompt]
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        c = self.config
+        if prompt_len + params.max_tokens > c.max_model_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + SamplingParams.max_tokens ({params.max_tokens}) "
+                             f"must be <= max_model_len={c.max_model_len}")
+        needed = reservation_tokens("max", 0, 0, c.max_model_len) if c.policy == "static" else \
+            reservation_tokens(c.reservation, prompt_len, params.max_tokens, c.max_model_len) \
+            if not c.paged else prompt_len + params.max_tokens
+        if -(-needed // c.block_size) > c.num_blocks:
+            raise ValueError(f"the request needs {needed} tokens of KV cache, more than num_blocks="
+                             f"{c.num_blocks} x block_size={c.block_size} hold")
+        if c.policy == "continuous" and prompt_len > c.max_num_batched_tokens:
+            raise ValueError(f"prompt ({prompt_len} tokens) must be <= max_num_batched_tokens="
+                             f"{c.max_num_batched_tokens} (or use policy chunked_prefill)")
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.status.finished:
+                self.scheduler.abort(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ----- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns an output for every request that got tokens (or finished)."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            if self.scheduler.has_work() and not self.scheduler.running:
+                raise RuntimeError("no sequence could be scheduled although the cache is empty")
+            return []
+        self._move_blocks(plan)
+        seqs = {s.seq_id: s for s in self.scheduler.running}
+        steps = [self._seq_step(seqs[p.seq_id], p.num_new_tokens) for p in plan.seqs]
+        result = self.runner.step(steps)
+        self.num_steps += 1
+        sampled = {p.seq_id: t for p, t in zip(plan.seqs, result.tokens) if p.samples}
+        self.scheduler.update(plan, sampled)
+        touched: dict[int, list[int]] = {}
+        for i, p in enumerate(plan.seqs):
+            if not p.samples:
+                continue
+            seq = seqs[p.seq_id]
+            request_id, index = self.seq_owner[p.seq_id]
+            request = self.requests[request_id]
+            if result.logprobs is not None and request.params.logprobs is not None:
+                chosen, top = result.logprobs[i]
+                request.logprobs[index].append((chosen, top[:request.params.logprobs]))
+            if request.stop is not None and not seq.status.finished and request.stop.hit(seq.output):
+                seq.status = Status.FINISHED_STOPPED
+                self.scheduler.finish(seq)
+            touched.setdefault(request_id, []).append(index)
+        return [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
+
+    def _move_blocks(self, plan) -> None:
+        if plan.swap_out:
+            gpu, cpu = zip(*plan.swap_out)
+            pool = self._host_pool()
+            for (pk, pv), (hk, hv) in zip(pool, swap_out_blocks(self.runner.kv_cache, list(gpu))):
+                pk[:, list(cpu)], pv[:, list(cpu)] = hk, hv
+        self.runner.copy_blocks(plan.block_copies)
+        if plan.swap_in:
+            cpu, gpu = zip(*plan.swap_in)
+            arrays = [(pk[:, list(cpu)], pv[:, list(cpu)]) for pk, pv in self._host_pool()]
+            self.runner.kv_cache = swap_in_blocks(self.runner.kv_cache, arrays, list(gpu))
+
+    def _host_pool(self):
+        if self.host_pool is None:
+            k, _ = self.runner.kv_cache[0]
+            shape = (k.shape[0], self.config.num_cpu_blocks, *k.shape[2:])
+            self.host_pool = [(np.zeros(shape, k.dtype), np.zeros(shape, k.dtype)) for _ in self.runner.kv_cache]
+        return self.host_pool
+
+    def _seq_step(self, seq: Sequence, num_new: int) -> SeqStep:
+        request = self.requests[self.seq_owner[seq.seq_id][0]]
+        start = seq.num_computed
+        return SeqStep(self.manager.get_block_table(seq.seq_id), start + num_new,
+                       seq.tokens[start:start + num_new], request.params, seq.key, len(seq.output),
+                       (seq.prompt, seq.output))
+
+    def _output(self, request_id: int, new_for: list[int]) -> RequestOutput:
+        request = self.requests[request_id]
+        outputs = []
+        for index, seq in enumerate(request.seqs):
+            text = None  # decoded once, when the sample finishes (streaming: decode new_token_ids)
+            if seq.status.finished and self.model.tokenizer is not None:
+                text = self.model.tokenizer.decode(seq.output)
+            if request.stop is not None and text is not None:
+                text = request.stop.truncate(text)
+            outputs.append(CompletionOutput(
+                index, list(seq.output), seq.output[-1:] if index in new_for else [], text,
+                FINISH_REASONS.get(seq.status),
+                request.logprobs[index] if request.params.logprobs is not None else None))
+        finished = all(seq.status.finished for seq in request.seqs)
+        if finished:
+            del self.requests[request_id]
+            for seq in request.seqs:
+                del self.seq_owner[seq.seq_id]
+        return RequestOutput(request_id, list(request.seqs[0].prompt), outputs, finished)
+
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
+                 *, progress: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion (outputs in prompt order), with a tqdm bar over requests."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        done: dict[int, RequestOutput] = {}
+        with tqdm(total=len(ids), desc=f"generate ({self.config.policy})", disable=not progress) as bar:
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+    @property
+    def num_compilations(self) -> int:
+        """Model-step programs compiled so far in this process (shared jit cache)."""
+        return num_compilations()
