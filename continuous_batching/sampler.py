@@ -100,6 +100,7 @@ def build_inputs(params: list[SamplingParams], keys: list[np.ndarray], steps: li
 def _token_counts(tokens: jax.Array, vocab: int) -> jax.Array:
     """i32[rows, n] token ids (-1 = padding) -> f32[rows, vocab] occurrence counts."""
     rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+    tokens = jnp.where(tokens < 0, vocab, tokens)  # padding out of range, dropped (-1 would wrap)
     return jnp.zeros((tokens.shape[0], vocab), jnp.float32).at[rows, tokens].add(1.0, mode="drop")
 
 

@@ -33,7 +33,8 @@ PACKAGES = tuple(ALLOWED_IMPORTS)
 # experiments/config.py is here so a bad YAML key is reported at once, before JAX loads.
 HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
              "continuous_batching/sampling_params.py", "continuous_batching/scheduler.py",
-             "continuous_batching/request.py")
+             "continuous_batching/request.py", "continuous_batching/reservation.py",
+             "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 
