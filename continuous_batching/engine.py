@@ -90,6 +90,9 @@ class Engine:
         self.seq_owner: dict[int, tuple[int, int]] = {}  # seq id -> (request id, sample index)
         self._request_ids, self._seq_ids = itertools.count(), itertools.count()
         self.num_steps = 0
+        self.stats = {"prefill_steps": 0, "scheduled_seqs": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.last_plan = None  # the last step's Schedule (for inspection)
+        self.last_step_prefilled = False  # whether the last step computed any prompt (or recompute) tokens
 
     # ----- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | dict | None = None) -> int:
@@ -159,7 +162,7 @@ class Engine:
     # ----- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that got tokens (or finished)."""
-        plan = self.scheduler.schedule()
+        plan = self.last_plan = self.scheduler.schedule()
         if not plan.seqs:
             if self.scheduler.has_work() and not self.scheduler.running:
                 raise RuntimeError("no sequence could be scheduled although the cache is empty")
@@ -167,6 +170,7 @@ class Engine:
         self._move_blocks(plan)
         seqs = {s.seq_id: s for s in self.scheduler.running}
         steps = [self._seq_step(seqs[p.seq_id], p.num_new_tokens) for p in plan.seqs]
+        self._count(plan, seqs)
         result = self.runner.step(steps)
         self.num_steps += 1
         sampled = {p.seq_id: t for p, t in zip(plan.seqs, result.tokens) if p.samples}
@@ -186,6 +190,15 @@ class Engine:
                 self.scheduler.finish(seq)
             touched.setdefault(request_id, []).append(index)
         return [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
+
+    def _count(self, plan, seqs: dict[int, Sequence]) -> None:
+        decode = sum(1 for p in plan.seqs if p.num_new_tokens == 1 and seqs[p.seq_id].output
+                     and seqs[p.seq_id].num_computed == seqs[p.seq_id].num_tokens - 1)
+        self.last_step_prefilled = decode < len(plan.seqs)
+        self.stats["prefill_steps"] += self.last_step_prefilled
+        self.stats["scheduled_seqs"] += len(plan.seqs)
+        self.stats["decode_tokens"] += decode
+        self.stats["prefill_tokens"] += plan.num_tokens - decode
 
     def _move_blocks(self, plan) -> None:
         if plan.swap_out:

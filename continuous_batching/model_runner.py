@@ -2,12 +2,14 @@
 into padded device arrays, runs the model on the paged KV cache, and samples each sequence's next
 token on device (`continuous_batching.sampler`).
 
-Shapes are bucketed so `jax.jit` compiles a bounded number of programs: sequences are padded to a
-power of two (at least `MIN_SEQ_BUCKET`), new tokens to the sequence bucket or a power of two above
-it, block tables to a power of two blocks (at least `MIN_BLOCK_BUCKET`, at most
-`max_blocks_per_seq`), so attention reads about as many slots as the longest sequence holds.
-A step where every sequence brings one token compiles to the decode kernel; any other step (prompt
-passes, chunks, cached-prefix suffixes, mixed) to the ragged prefill kernel.
+A step is split as vLLM splits it: sequences bringing several tokens (prompts, chunks, recomputes)
+go first, to the ragged prefill kernel; sequences bringing one token (decodes) after, to the decode
+kernel, in the same jitted model step. Shapes are bucketed so `jax.jit` compiles a bounded number
+of programs: prefill tokens to a power of two (at least `MIN_PREFILL_TOKENS`), prefill rows to a
+power of two, decode rows to a power of two (at least `MIN_SEQ_BUCKET`), block tables to a power of
+two blocks (at least `MIN_BLOCK_BUCKET`, at most `max_blocks_per_seq`), so attention reads about as
+many slots as the step's longest sequence holds. Mixing a long prompt with many decodes thus costs
+prompt x context plus decodes x context, not (prompt x decodes) x context.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from paged_attention.metadata import PagedMetadata
 
 MIN_SEQ_BUCKET = 4
 MIN_BLOCK_BUCKET = 8
+MIN_PREFILL_TOKENS = 16
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -77,7 +80,7 @@ class PagedModelRunner:
         self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
         self.kv_cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                             config.head_dim, model.params["embed"].dtype)
-        self.shapes_run: set[tuple[int, int, int, bool]] = set()  # (tokens, seqs, blocks, decode)
+        self.shapes_run: set[tuple[int, int, int, int]] = set()  # (prefill tokens, prefill rows, decode rows, blocks)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -85,11 +88,6 @@ class PagedModelRunner:
 
     def seq_bucket(self, num_seqs: int) -> int:
         return max(MIN_SEQ_BUCKET, bucket_pow2(num_seqs))
-
-    def num_tokens_bucket(self, num_tokens: int, num_seqs: int) -> int:
-        """Padded token count: the sequence bucket when every sequence brings one token (so a decode
-        step has the decode kernel's shape), else the next power of two at or above it."""
-        return max(self.seq_bucket(num_seqs), bucket_pow2(num_tokens))
 
     def blocks_bucket(self, num_blocks: int) -> int:
         return min(self.max_blocks, max(MIN_BLOCK_BUCKET, bucket_pow2(num_blocks)))
@@ -104,35 +102,58 @@ class PagedModelRunner:
         """Run one step; returns each sequence's next token (and log-probs if any row asks)."""
         if not 0 < len(seqs) <= self.max_num_seqs:
             raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
-        query_lens = [len(s.new_tokens) for s in seqs]
-        num_seqs = self.seq_bucket(len(seqs))
-        num_tokens = self.num_tokens_bucket(sum(query_lens), len(seqs))
+        # Sequences with several new tokens first (prefill kernel), single tokens after (decode kernel).
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].new_tokens) == 1)
+        ordered = [seqs[i] for i in order]
+        query_lens = [len(s.new_tokens) for s in ordered]
+        num_prefill = sum(q > 1 for q in query_lens)
         max_blocks = self.blocks_bucket(max(len(s.block_table) for s in seqs))
-        metadata = PagedMetadata.build([s.block_table for s in seqs], [s.context_len for s in seqs],
-                                       query_lens, self.block_size, num_tokens=num_tokens,
-                                       num_seqs=num_seqs, max_blocks=max_blocks)
+        tables, lens = [s.block_table for s in ordered], [s.context_len for s in ordered]
+        if num_prefill == 0:
+            num_prefill_tokens = num_prefill_seqs = 0
+            num_decode_seqs = self.seq_bucket(len(seqs))
+            metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=num_decode_seqs,
+                                           num_seqs=num_decode_seqs, max_blocks=max_blocks)
+        else:
+            num_prefill_tokens = max(MIN_PREFILL_TOKENS, bucket_pow2(sum(query_lens[:num_prefill])))
+            num_prefill_seqs = bucket_pow2(num_prefill)
+            num_decode = len(seqs) - num_prefill
+            num_decode_seqs = self.seq_bucket(num_decode) if num_decode else 0
+            metadata = PagedMetadata.build_split(
+                tables, lens, query_lens, self.block_size, num_prefill=num_prefill,
+                num_prefill_tokens=num_prefill_tokens, num_prefill_seqs=num_prefill_seqs,
+                num_decode_seqs=num_decode_seqs, max_blocks=max_blocks)
+        num_tokens = num_prefill_tokens + num_decode_seqs
+        num_rows = num_prefill_seqs + num_decode_seqs
+        # row of each ordered sequence, and the flat index of its first new token
+        rows = list(range(num_prefill)) + list(range(num_prefill_seqs, num_prefill_seqs + len(seqs) - num_prefill))
+        starts = np.concatenate([[0], np.cumsum(query_lens[:num_prefill])]).astype(int).tolist()[:num_prefill]
+        starts += list(range(num_prefill_tokens, num_prefill_tokens + len(seqs) - num_prefill))
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
-        offset = 0
-        for s, q_len in zip(seqs, query_lens):
-            tokens[offset:offset + q_len] = s.new_tokens
-            positions[offset:offset + q_len] = np.arange(s.context_len - q_len, s.context_len)
-            offset += q_len
-        last = np.asarray(metadata.query_start_loc)[1:] - 1  # each sequence's last new token
-        last = np.maximum(last, 0)  # padding rows: any valid index, result ignored
-        params = [s.params for s in seqs]
-        flags = SamplerFlags.for_params(params)
+        last = np.zeros(num_rows, np.int32)  # each row's last new token; padding rows: 0 (ignored)
+        row_steps: list[SeqStep | None] = [None] * num_rows
+        for s, q_len, row, start in zip(ordered, query_lens, rows, starts):
+            tokens[start:start + q_len] = s.new_tokens
+            positions[start:start + q_len] = np.arange(s.context_len - q_len, s.context_len)
+            last[row] = start + q_len - 1
+            row_steps[row] = s
+        flags = SamplerFlags.for_params([s.params for s in seqs])
+        pad = SeqStep([], 0, [])
+        row_steps = [pad if r is None else r for r in row_steps]
         sampler_inputs = build_inputs(
-            params, [np.zeros(2, np.uint32) if s.key is None else s.key for s in seqs],
-            [s.num_generated for s in seqs],
-            [(list(s.history[0]), list(s.history[1])) for s in seqs] if flags.penalties else None, num_seqs)
-        self.shapes_run.add((num_tokens, num_seqs, max_blocks, metadata.decode_only))
+            [r.params for r in row_steps], [np.zeros(2, np.uint32) if r.key is None else r.key for r in row_steps],
+            [r.num_generated for r in row_steps],
+            [(list(r.history[0]), list(r.history[1])) for r in row_steps] if flags.penalties else None, num_rows)
+        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks))
         next_tokens, logprobs, self.kv_cache = _model_step(
             self.model.params, jnp.asarray(tokens), jnp.asarray(positions), self.kv_cache, metadata,
-            jnp.asarray(last, jnp.int32), sampler_inputs, config=self.model.config, backend=self.backend,
-            flags=flags)
-        return StepResult(np.asarray(next_tokens)[:len(seqs)].tolist(),
-                          None if logprobs is None else _host_logprobs(logprobs, len(seqs)))
+            jnp.asarray(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)
+        row_of = {i: row for i, row in zip(order, rows)}  # original index -> row
+        back = [row_of[i] for i in range(len(seqs))]
+        next_tokens = np.asarray(next_tokens)
+        host_lp = None if logprobs is None else _host_logprobs(logprobs, num_rows)
+        return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
 
 
 def _host_logprobs(logprobs, num_seqs: int) -> list[tuple[float, list[tuple[int, float]]]]:

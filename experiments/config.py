@@ -106,9 +106,28 @@ class AttentionBenchRunConfig(Strict):
     iterations: int = Field(default=50, gt=0)
 
 
+class ContinuousRunConfig(Strict):
+    """The continuous-batching engine (`continuous_batching.Engine`) under one scheduling policy;
+    see experiments/continuous_engine.py and continuous_batching/engine_config.py."""
+
+    name: str
+    engine: Literal["continuous"]
+    policy: Literal["static", "request_level", "continuous", "chunked_prefill"] = "continuous"
+    reservation: Literal["max", "pow2", "oracle"] = "max"  # request_level only
+    kv_cache_tokens: int = Field(default=65536, gt=0)  # KV slots on the device (blocks x block_size)
+    block_size: int = Field(default=16, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=2048, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0)  # None: the workload's longest request
+    preemption: Literal["recompute", "swap"] = "recompute"
+    swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
+    enable_prefix_caching: bool = False
+    backend: Literal["paged_reference", "paged"] = "paged_reference"
+
+
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig,
-               AttentionBenchRunConfig)
+               AttentionBenchRunConfig, ContinuousRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 
@@ -134,6 +153,9 @@ class ExperimentConfig(Strict):
     workload: WorkloadConfig
     runs: list[RunConfig] = Field(min_length=1)
     claims: list[ClaimConfig] = []
+    # Throughput vs request rate (vLLM Fig. 12): every run at each rate, same requests, new arrivals.
+    request_rates: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
+    latency_bound_s_per_token: float = Field(default=1.0, gt=0)  # "sustained": mean normalized latency below this
 
     @field_validator("runs")
     @classmethod

@@ -146,6 +146,10 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
         from experiments.paged_engine import PagedStaticEngine
 
         return PagedStaticEngine(model, run_config, requests)
+    if run_config.engine == "continuous":
+        from experiments.continuous_engine import ContinuousServeEngine
+
+        return ContinuousServeEngine(model, run_config, requests)
     if run_config.engine == "attention_bench":
         from experiments.attention_bench import AttentionBenchEngine
 
@@ -159,4 +163,5 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
 
         return SharingSimEngine(model, run_config, requests)
     raise ValueError(f"unknown engine {run_config.engine!r}; "
-                     "allowed: 'static', 'hf', 'paged', 'memory_sim', 'sharing_sim', 'attention_bench'")
+                     "allowed: 'static', 'hf', 'paged', 'continuous', 'memory_sim', 'sharing_sim', "
+                     "'attention_bench'")

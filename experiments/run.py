@@ -28,6 +28,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
     requests = build_workload(config.workload, tokenizer=model.tokenizer, vocab_size=model.config.vocab_size)
     print(f"model {config.model} ({model.config.num_params() / 1e6:.1f}M params, {model.dtype}) loaded "
           f"in {time.perf_counter() - t0:.1f}s; workload: {describe(requests)}", file=sys.stderr)
+    if config.request_rates:
+        return _run_rate_sweep(model, config, requests, out_dir)
     runs = []
     for run_config in config.runs:
         engine = make_engine(model, run_config, requests)
@@ -43,6 +45,23 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
               "runs": runs, "claims": evaluate_claims(config, runs)}
     paths = write_results(out_dir, result)
     print(markdown_table(runs))
+    if result["claims"]:
+        print("\n" + claims_table(result["claims"]))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return result
+
+
+def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) -> dict:
+    from experiments.sweep import plot_sweep, run_sweep, sustained_rates, sweep_table
+
+    runs = run_sweep(model, config, requests)
+    result = {"experiment": config.experiment, "description": config.description, "model": config.model,
+              "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
+              "runs": runs, "sustained_rate": sustained_rates(config, runs), "claims": evaluate_claims(config, runs)}
+    paths = write_results(out_dir, result)
+    paths.append(plot_sweep(out_dir / "latency_vs_rate.png", config, runs,
+                            f"{config.experiment} - {config.model} - {config.workload.kind}"))
+    print(markdown_table(runs) + "\n\n" + sweep_table(config, runs))
     if result["claims"]:
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)

@@ -15,6 +15,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from paged_attention import contiguous, decode_kernel, kv_cache, prefill_kernel
 
@@ -51,9 +52,17 @@ def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool):
         prefill = prefill_kernel.paged_prefill_attention_reference
     if metadata.decode_only:
         out = decode(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, **kernel_args)
-    else:
+    elif metadata.num_prefill_seqs is None:
         out = prefill(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens,
                       metadata.query_start_loc, max_query_len=metadata.max_query_len, **kernel_args)
+    else:  # split step: prompt chunks to the prefill kernel, single tokens to the decode kernel
+        num_p, seqs_p = metadata.num_prefill_tokens, metadata.num_prefill_seqs
+        out = prefill(q[:num_p], k_cache, v_cache, metadata.block_tables[:seqs_p], metadata.context_lens[:seqs_p],
+                      metadata.query_start_loc, max_query_len=metadata.max_query_len, **kernel_args)
+        if q.shape[0] > num_p:
+            out_decode = decode(q[num_p:], k_cache, v_cache, metadata.block_tables[seqs_p:],
+                                metadata.context_lens[seqs_p:], **kernel_args)
+            out = jnp.concatenate([out, out_decode])
     return out, layer_cache
 
 

@@ -23,6 +23,12 @@ class PagedMetadata:
     query_start_loc: jax.Array  # i32[num_seqs + 1]: sequence s owns tokens [qsl[s], qsl[s+1])
     decode_only: bool = False  # static: every sequence has exactly one new token (decode kernel)
     max_query_len: int | None = None  # static: bound on any sequence's new tokens (a power of two)
+    # Split steps (`build_split`): the first `num_prefill_seqs` rows own tokens [0, num_prefill_tokens)
+    # (ragged, `query_start_loc` has num_prefill_seqs + 1 entries) and go to the prefill kernel; every
+    # later row owns one token, at num_prefill_tokens + its index among them, and goes to the decode
+    # kernel. None: one kernel for the whole step.
+    num_prefill_tokens: int | None = None
+    num_prefill_seqs: int | None = None
 
     @classmethod
     def build(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -62,6 +68,30 @@ class PagedMetadata:
                    decode_only, max_query_len)
 
 
+    @classmethod
+    def build_split(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
+                    query_lens: Sequence[int], block_size: int, *, num_prefill: int, num_prefill_tokens: int,
+                    num_prefill_seqs: int, num_decode_seqs: int, max_blocks: int) -> "PagedMetadata":
+        """A step mixing prompt chunks and decodes, each part for its own kernel: the first
+        `num_prefill` sequences (any query length) are padded to `num_prefill_tokens` tokens and
+        `num_prefill_seqs` rows, the rest (one new token each) to `num_decode_seqs` rows."""
+        prefill = cls.build(block_tables[:num_prefill], context_lens[:num_prefill], query_lens[:num_prefill],
+                            block_size, num_tokens=num_prefill_tokens, num_seqs=num_prefill_seqs,
+                            max_blocks=max_blocks)
+        tables, lens, slots = [prefill.block_tables], [prefill.context_lens], [prefill.slot_mapping]
+        if num_decode_seqs:
+            if any(q != 1 for q in query_lens[num_prefill:]):
+                raise ValueError("every sequence after the first num_prefill must bring exactly one token")
+            decode = cls.build(block_tables[num_prefill:], context_lens[num_prefill:], query_lens[num_prefill:],
+                               block_size, num_tokens=num_decode_seqs, num_seqs=num_decode_seqs,
+                               max_blocks=max_blocks)
+            tables.append(decode.block_tables)
+            lens.append(decode.context_lens)
+            slots.append(decode.slot_mapping)
+        return cls(jnp.concatenate(slots), jnp.concatenate(tables), jnp.concatenate(lens),
+                   prefill.query_start_loc, False, prefill.max_query_len, num_prefill_tokens, num_prefill_seqs)
+
+
 jax.tree_util.register_dataclass(
     PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
-    meta_fields=["decode_only", "max_query_len"])
+    meta_fields=["decode_only", "max_query_len", "num_prefill_tokens", "num_prefill_seqs"])

@@ -14,14 +14,13 @@ def runner(tiny_model):
 
 
 def test_buckets(runner):
-    assert [runner.num_tokens_bucket(n, 3) for n in (1, 3, 4, 5, 9)] == [4, 4, 4, 8, 16]
     assert [runner.seq_bucket(n) for n in (1, 3, 5)] == [4, 4, 8]
     assert [runner.blocks_bucket(n) for n in (1, 3, 9)] == [4, 4, 4]  # capped at max_blocks_per_seq
 
 
 def test_a_full_decode_step_uses_the_decode_kernel(runner):
     runner.step([SeqStep([i], 1, [5]) for i in range(3)])  # 3 sequences x 1 token, bucket 4
-    assert runner.shapes_run == {(4, 4, 4, True)}
+    assert runner.shapes_run == {(0, 0, 4, 4)}
 
 
 def test_prompt_then_decode_matches_naive(runner, tiny_model):
@@ -32,7 +31,7 @@ def test_prompt_then_decode_matches_naive(runner, tiny_model):
     for context in (7, 8):
         got += runner.step([SeqStep(table, context, [got[-1]])]).tokens
     assert got == expected
-    assert runner.shapes_run == {(8, 4, 4, False), (4, 4, 4, True)}  # one prompt bucket, one decode shape
+    assert runner.shapes_run == {(16, 1, 0, 4), (0, 0, 4, 4)}  # one prompt bucket, one decode shape
 
 
 def test_copy_on_write_copies_a_block(runner, tiny_model):
@@ -47,3 +46,25 @@ def test_step_validation(runner):
         runner.step([SeqStep([0], 1, [1])] * 4)
     with pytest.raises(ValueError, match="max_num_seqs=3"):
         runner.step([])
+
+
+def test_a_mixed_step_splits_prompts_and_decodes_and_keeps_the_callers_order(runner, tiny_model):
+    """Decode rows go to the decode kernel, prompt rows to the prefill kernel; results come back in
+    the order the sequences were given, and equal what each gets alone."""
+    prompts = [[5, 9, 14, 3, 7, 8], [11, 12, 13]]
+    expected = models.generate(tiny_model, prompts, max_new_tokens=2, ignore_eos=True)
+    first = runner.step([SeqStep([0, 1], 6, prompts[0])]).tokens  # seq 0's prompt alone
+    mixed = runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, prompts[1])]).tokens
+    assert (first + mixed[:1], mixed[1:]) == (expected[0], expected[1][:1])
+    assert (16, 1, 4, 4) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
+
+
+def test_the_pallas_backend_runs_split_steps_like_the_reference(tiny_model):
+    """The same mixed step through the Pallas kernels (interpreted on CPU) and the jnp references."""
+    tokens = {}
+    for backend in ("paged", "paged_reference"):
+        runner = PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
+                                  backend=backend)
+        first = runner.step([SeqStep([0, 1], 6, [5, 9, 14, 3, 7, 8])]).tokens
+        tokens[backend] = first + runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, [11, 12, 13])]).tokens
+    assert tokens["paged"] == tokens["paged_reference"]

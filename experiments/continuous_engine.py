@@ -1,0 +1,90 @@
+"""The continuous-batching engine in the harness: requests join `continuous_batching.Engine` as they
+arrive (real-time Poisson replay), one engine step at a time, under the run's scheduling policy.
+
+Timing follows the other engines: an untimed warm-up replays the whole workload at once (compiling
+the step shapes it needs), then the timed replay records each request's first-token and finish
+times. Compilations that still happen during the timed run are counted and reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import models
+from continuous_batching.engine import Engine
+from continuous_batching.engine_config import EngineConfig
+from continuous_batching.sampling_params import SamplingParams
+from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
+from experiments.workloads import Request
+
+
+def engine_config(run_config, requests: list[Request]) -> EngineConfig:
+    longest = max(len(r.prompt) + r.output_len for r in requests)
+    max_model_len = run_config.max_model_len or -(-longest // run_config.block_size) * run_config.block_size
+    return EngineConfig(
+        policy=run_config.policy, reservation=run_config.reservation, block_size=run_config.block_size,
+        num_blocks=run_config.kv_cache_tokens // run_config.block_size, max_num_seqs=run_config.max_num_seqs,
+        max_num_batched_tokens=max(run_config.max_num_batched_tokens,
+                                   0 if run_config.policy == "chunked_prefill" else
+                                   max(len(r.prompt) for r in requests)),
+        max_model_len=max_model_len, preemption=run_config.preemption,
+        num_cpu_blocks=run_config.swap_space_tokens // run_config.block_size,
+        enable_prefix_caching=run_config.enable_prefix_caching, backend=run_config.backend)
+
+
+class ContinuousServeEngine:
+    def __init__(self, model: models.Model, run_config, requests: list[Request]):
+        self.model, self.requests = model, requests
+        self.config = engine_config(run_config, requests)
+        self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
+
+    def warmup(self) -> None:
+        self.serve([Request(r.request_id, r.prompt, r.output_len, 0.0) for r in self.requests], lambda n: None)
+        self.outputs.clear()
+
+    def serve(self, requests: list[Request], progress) -> RunTrace:
+        engine = Engine(self.model, self.config)
+        compiled_before = engine.num_compilations
+        per_token, block_size = kv_bytes_per_token(self.model), self.config.block_size
+        pending = sorted(requests, key=lambda r: r.arrival_s)
+        by_engine_id: dict[int, Request] = {}
+        first_token: dict[int, float] = {}
+        records: list[RequestRecord] = []
+        used_peak = blocks_peak = num_steps = 0
+        util_sum = prefill_s = 0.0
+        start = time.perf_counter()
+        while pending or engine.has_unfinished():
+            now = time.perf_counter() - start
+            if not engine.has_unfinished() and pending[0].arrival_s > now:
+                time.sleep(pending[0].arrival_s - now)
+                now = time.perf_counter() - start
+            while pending and pending[0].arrival_s <= now:
+                r = pending.pop(0)
+                params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+                by_engine_id[engine.add_request(list(r.prompt), params)] = r
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            t = time.perf_counter() - start
+            if engine.last_step_prefilled:
+                prefill_s += time.perf_counter() - step_start
+            manager = engine.manager
+            used_peak = max(used_peak, manager.num_real_tokens)
+            blocks_peak = max(blocks_peak, manager.num_used_blocks)
+            util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
+            num_steps += 1
+            for out in outputs:
+                r = by_engine_id[out.request_id]
+                first_token.setdefault(r.request_id, t)
+                if out.finished:
+                    self.outputs[r.request_id] = out.outputs[0].token_ids
+                    records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
+                                                 first_token[r.request_id], t))
+                    progress(1)
+        wall = time.perf_counter() - start
+        generated = sum(r.output_len for r in requests)
+        return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
+                        util_sum / max(1, num_steps), generated, prefill_s,
+                        num_compilations=engine.num_compilations - compiled_before,
+                        extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
+                                       "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
+                                       "prefill_steps": engine.stats["prefill_steps"]})

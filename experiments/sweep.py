@@ -1,0 +1,90 @@
+"""Throughput vs request rate (vLLM Fig. 12): the same requests replayed at several Poisson rates
+under every configured run; normalized latency (mean of latency / output tokens) per policy and
+rate, and the highest rate each run sustains below `latency_bound_s_per_token`.
+
+Runs are named `<run>@<rate>`; each run's untimed warm-up happens once, at the first rate (the jit
+cache is shared in-process, so later rates reuse its programs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from experiments.engines import make_engine  # noqa: E402
+from experiments.metrics import summarize  # noqa: E402
+from experiments.workloads import Request, arrival_times  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def with_rate(requests: list[Request], rate: float, seed: int) -> list[Request]:
+    """The same requests with Poisson arrivals at `rate` requests/s."""
+    times = arrival_times(len(requests), rate, np.random.default_rng(seed))
+    return [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, times)]
+
+
+def run_sweep(model, config, requests: list[Request]) -> list[dict]:
+    runs = []
+    for run_config in config.runs:
+        for i, rate in enumerate(config.request_rates):
+            timed = with_rate(requests, rate, config.workload.seed)
+            engine = make_engine(model, run_config, timed)
+            if i == 0:
+                engine.warmup()
+            name = f"{run_config.name}@{rate:g}"
+            with tqdm(total=len(timed), desc=name, unit="req", file=sys.stderr) as bar:
+                trace = engine.serve(timed, bar.update)
+            runs.append({"name": name, "config": {**run_config.model_dump(), "request_rate": rate},
+                         "metrics": summarize(trace)})
+    return runs
+
+
+def sustained_rates(config, runs: list[dict]) -> dict[str, float | None]:
+    """Per run: the highest swept rate below which every rate keeps normalized latency under the
+    bound (None: not even the lowest)."""
+    best: dict[str, float | None] = {r.name: None for r in config.runs}
+    for base in best:
+        points = sorted((run["config"]["request_rate"], run["metrics"]["normalized_latency_s_per_token"])
+                        for run in runs if run["config"]["name"] == base)
+        for rate, latency in points:
+            if latency > config.latency_bound_s_per_token:
+                break
+            best[base] = rate
+    return best
+
+
+def sweep_table(config, runs: list[dict]) -> str:
+    rates = config.request_rates
+    lines = ["| run | " + " | ".join(f"{r:g} req/s" for r in rates) + " | sustained rate |",
+             "|---|" + "---|" * (len(rates) + 1)]
+    by_name = {run["name"]: run["metrics"] for run in runs}
+    for base, sustained in sustained_rates(config, runs).items():
+        cells = [f"{by_name[f'{base}@{r:g}']['normalized_latency_s_per_token']:.3f}" for r in rates]
+        lines.append(f"| {base} | " + " | ".join(cells) + f" | {'-' if sustained is None else f'{sustained:g}'} |")
+    return ("normalized latency (s/token) by request rate; sustained = highest rate at <= "
+            f"{config.latency_bound_s_per_token:g} s/token\n" + "\n".join(lines))
+
+
+def plot_sweep(path: Path, config, runs: list[dict], title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for base in (r.name for r in config.runs):
+        points = [(run["config"]["request_rate"], run["metrics"]["normalized_latency_s_per_token"])
+                  for run in runs if run["config"]["name"] == base]
+        ax.plot(*zip(*points), marker="o", label=base)
+    ax.axhline(config.latency_bound_s_per_token, color="gray", linestyle="--", linewidth=1, label="bound")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("normalized latency (s/token)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
