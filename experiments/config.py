@@ -32,13 +32,19 @@ class Strict(BaseModel):
 class WorkloadConfig(Strict):
     """Which requests arrive, and when."""
 
-    kind: Literal["sharegpt", "alpaca"]
+    kind: Literal["sharegpt", "alpaca", "fixed"]  # fixed: every request max_prompt_len in, max_output_len out
     num_requests: int = Field(gt=0)
     request_rate: float = Field(default=math.inf, gt=0)  # requests/s, Poisson; inf = all at t=0
     seed: int = 0
     max_prompt_len: int | None = Field(default=None, gt=0)  # longer prompts are truncated
     max_output_len: int | None = Field(default=None, gt=0)  # longer outputs are capped
     shared_prefix_len: int = Field(default=0, ge=0)  # same random tokens before every prompt (few-shot preamble)
+
+    @model_validator(mode="after")
+    def _fixed_needs_lengths(self) -> "WorkloadConfig":
+        if self.kind == "fixed" and (self.max_prompt_len is None or self.max_output_len is None):
+            raise ValueError("kind 'fixed' needs max_prompt_len and max_output_len (every request's lengths)")
+        return self
 
 
 class StaticRunConfig(Strict):
@@ -156,6 +162,7 @@ class ExperimentConfig(Strict):
     # Throughput vs request rate (vLLM Fig. 12): every run at each rate, same requests, new arrivals.
     request_rates: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
     latency_bound_s_per_token: float = Field(default=1.0, gt=0)  # "sustained": mean normalized latency below this
+    check_same_outputs: bool = False  # every run that records its tokens must give every request the same ones
 
     @field_validator("runs")
     @classmethod

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 import models
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
@@ -49,6 +51,8 @@ class ContinuousServeEngine:
         pending = sorted(requests, key=lambda r: r.arrival_s)
         by_engine_id: dict[int, Request] = {}
         first_token: dict[int, float] = {}
+        last_token: dict[int, float] = {}
+        gaps: list[float] = []  # time between a request's consecutive tokens (inter-token latency)
         records: list[RequestRecord] = []
         used_peak = blocks_peak = num_steps = 0
         util_sum = prefill_s = 0.0
@@ -75,6 +79,9 @@ class ContinuousServeEngine:
             for out in outputs:
                 r = by_engine_id[out.request_id]
                 first_token.setdefault(r.request_id, t)
+                if r.request_id in last_token:
+                    gaps.append(t - last_token[r.request_id])
+                last_token[r.request_id] = t
                 if out.finished:
                     self.outputs[r.request_id] = out.outputs[0].token_ids
                     records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
@@ -87,4 +94,6 @@ class ContinuousServeEngine:
                         num_compilations=engine.num_compilations - compiled_before,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
-                                       "prefill_steps": engine.stats["prefill_steps"]})
+                                       "prefill_steps": engine.stats["prefill_steps"],
+                                       "inter_token_latency_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
+                                       "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0})

@@ -29,6 +29,10 @@ TABLE_COLUMNS = [
     ("kv_utilization", "KV util", "{:.1%}"),
     ("wasted_token_fraction", "wasted tok", "{:.1%}"),
     ("prefill_time_fraction", "prefill time", "{:.0%}"),
+    ("normalized_latency_s_per_token", "norm. latency s/tok", "{:.3f}"),
+    ("inter_token_latency_p95_s", "ITL p95 s", "{:.3f}"),  # continuous engine only
+    ("num_preemptions", "preempted", "{:d}"),  # continuous engine only
+    ("num_compilations", "compiles", "{:d}"),
 ]
 # memory simulations (no clock): what the KV budget holds and how many requests it batches
 SIMULATION_COLUMNS = [

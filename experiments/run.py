@@ -30,7 +30,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
           f"in {time.perf_counter() - t0:.1f}s; workload: {describe(requests)}", file=sys.stderr)
     if config.request_rates:
         return _run_rate_sweep(model, config, requests, out_dir)
-    runs = []
+    runs, outputs = [], {}
     for run_config in config.runs:
         engine = make_engine(model, run_config, requests)
         start = time.perf_counter()
@@ -39,12 +39,18 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         with tqdm(total=len(requests), desc=run_config.name, unit="req", file=sys.stderr) as bar:
             trace = engine.serve(requests, bar.update)
         trace.warmup_s = warmup_s
+        if getattr(engine, "outputs", None):
+            outputs[run_config.name] = dict(engine.outputs)
         runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
               "runs": runs, "claims": evaluate_claims(config, runs)}
+    if config.check_same_outputs:
+        result["same_outputs"] = same_outputs(outputs)
     paths = write_results(out_dir, result)
     print(markdown_table(runs))
+    if config.check_same_outputs:
+        print(f"\nsame tokens for every request as run {next(iter(outputs), '-')!r}: {result['same_outputs']}")
     if result["claims"]:
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
@@ -66,6 +72,14 @@ def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) ->
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return result
+
+
+def same_outputs(outputs: dict[str, dict[int, list[int]]]) -> dict[str, bool]:
+    """Per run that recorded its tokens: whether every request got the first such run's tokens."""
+    if not outputs:
+        return {}
+    first = next(iter(outputs.values()))
+    return {name: tokens == first for name, tokens in outputs.items()}
 
 
 def evaluate_claims(config: ExperimentConfig, runs: list[dict]) -> list[dict]:

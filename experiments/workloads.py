@@ -5,6 +5,8 @@
   vLLM's sampler: prompt and answer >= 4 tokens, prompt <= 1024, prompt + answer <= 2048.
 - `alpaca`: synthetic lengths with the Alpaca means the vLLM paper reports (19 prompt / 58 output
   tokens), gamma-distributed, random token ids.
+- `fixed`: every request has exactly `max_prompt_len` random prompt tokens and `max_output_len`
+  output tokens (e.g. long prompts with short answers, for chunked prefill).
 `shared_prefix_len` puts the same random tokens before every prompt (a few-shot preamble or system
 prompt: what prefix caching reuses).
 Arrivals are a Poisson process at `request_rate` (exponential gaps), or all at t=0 for `inf`.
@@ -85,6 +87,10 @@ def build_workload(config: WorkloadConfig, *, tokenizer=None, vocab_size: int) -
                              "(e.g. model: smollm2-135m); use kind 'alpaca' for random-weight models")
         items = sharegpt_lengths_and_prompts(tokenizer, config.num_requests, rng,
                                              config.max_prompt_len, config.max_output_len)
+    elif config.kind == "fixed":
+        low = min(100, vocab_size // 2)
+        items = [(tuple(rng.integers(low, vocab_size, config.max_prompt_len).tolist()), config.max_output_len)
+                 for _ in range(config.num_requests)]
     else:
         items = alpaca_lengths_and_prompts(vocab_size, config.num_requests, rng,
                                            config.max_prompt_len, config.max_output_len)

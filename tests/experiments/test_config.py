@@ -32,9 +32,9 @@ def test_defaults():
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d["runs"][0].update(batch_sizee=3), "runs[0].batch_sizee: unknown key; allowed keys: batch_size, engine, name"),
     (lambda d: d["workload"].update(rate=1), "workload.rate: unknown key; allowed keys: kind, max_output_len"),
-    (lambda d: d.update(modle="tiny"), "modle: unknown key; allowed keys: claims, description, dtype, experiment"),
+    (lambda d: d.update(modle="tiny"), "modle: unknown key; allowed keys: check_same_outputs, claims, description, dtype, experiment"),
     (lambda d: d["runs"][0].update(engine="vllm"), "expected tags: 'static', 'hf'"),
-    (lambda d: d["workload"].update(kind="c4"), "workload.kind: Input should be 'sharegpt' or 'alpaca'"),
+    (lambda d: d["workload"].update(kind="c4"), "workload.kind: Input should be 'sharegpt', 'alpaca' or 'fixed'"),
     (lambda d: d.update(dtype="float16"), "dtype: Input should be 'float32' or 'bfloat16'"),
     (lambda d: d["workload"].update(num_requests=0), "workload.num_requests: Input should be greater than 0"),
     (lambda d: d["runs"].append({"name": "a", "engine": "hf"}), "run names must be unique; repeated: ['a']"),
@@ -64,3 +64,10 @@ def test_unreadable_yaml(tmp_path):
     path.write_text("runs: [unclosed")
     with pytest.raises(ConfigError, match="cannot read experiment config"):
         load_config(path)
+
+
+def test_fixed_workload_needs_both_lengths():
+    data = copy.deepcopy(BASE)
+    data["workload"] = {"kind": "fixed", "num_requests": 2, "max_prompt_len": 8}
+    with pytest.raises(ConfigError, match="kind 'fixed' needs max_prompt_len and max_output_len"):
+        parse_config(data)
