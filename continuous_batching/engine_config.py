@@ -32,7 +32,7 @@ class EngineConfig:
     preemption: str = "recompute"
     num_cpu_blocks: int = 0  # swap space (blocks)
     enable_prefix_caching: bool = False
-    backend: str = "paged_reference"  # models.attention backend: paged (Pallas) or paged_reference
+    backend: str = "paged_cpu"  # models.attention backend: paged_cpu (XLA CPU decode), paged (Pallas), paged_reference
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 
     def __post_init__(self) -> None:
@@ -43,7 +43,8 @@ class EngineConfig:
         check("policy", self.policy in POLICIES, f"one of {sorted(POLICIES)}")
         check("reservation", self.reservation in RESERVATIONS, f"one of {list(RESERVATIONS)}")
         check("preemption", self.preemption in PREEMPTION_MODES, f"one of {list(PREEMPTION_MODES)}")
-        check("backend", self.backend in ("paged", "paged_reference"), "'paged' or 'paged_reference'")
+        check("backend", self.backend in ("paged_cpu", "paged", "paged_reference"),
+              "one of 'paged_cpu', 'paged', 'paged_reference'")
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1")

@@ -26,6 +26,7 @@ from continuous_batching.sampler import SamplerFlags, build_inputs, sample_token
 from continuous_batching.sampling_params import SamplingParams
 from models.llama import forward
 from models.static_batch import bucket_pow2
+from paged_attention.decode_cpu import build_decode_indices
 from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes
 from paged_attention.metadata import PagedMetadata
 
@@ -74,7 +75,7 @@ class PagedModelRunner:
     """Owns the paged KV cache of one model and runs steps on it."""
 
     def __init__(self, model: models.Model, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_blocks_per_seq: int, backend: str = "paged_reference"):
+                 max_blocks_per_seq: int, backend: str = "paged_cpu"):
         config = model.config
         self.model, self.backend = model, backend
         self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
@@ -123,6 +124,12 @@ class PagedModelRunner:
                 tables, lens, query_lens, self.block_size, num_prefill=num_prefill,
                 num_prefill_tokens=num_prefill_tokens, num_prefill_seqs=num_prefill_seqs,
                 num_decode_seqs=num_decode_seqs, max_blocks=max_blocks)
+        if self.backend == "paged_cpu" and num_decode_seqs:
+            k_cache, _ = self.kv_cache[0]
+            tables = np.asarray(metadata.block_tables)[num_prefill_seqs:]
+            pairs = build_decode_indices(tables, np.asarray(metadata.context_lens)[num_prefill_seqs:],
+                                         k_cache.shape[1], k_cache.shape[0], self.block_size)
+            metadata = dataclasses.replace(metadata, decode_pairs=tuple(jnp.asarray(a) for a in pairs))
         num_tokens = num_prefill_tokens + num_decode_seqs
         num_rows = num_prefill_seqs + num_decode_seqs
         # row of each ordered sequence, and the flat index of its first new token
@@ -145,7 +152,8 @@ class PagedModelRunner:
             [r.params for r in row_steps], [np.zeros(2, np.uint32) if r.key is None else r.key for r in row_steps],
             [r.num_generated for r in row_steps],
             [(list(r.history[0]), list(r.history[1])) for r in row_steps] if flags.penalties else None, num_rows)
-        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks))
+        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks)
+                            + (() if metadata.decode_pairs is None else (metadata.decode_pairs[0].shape[0],)))
         next_tokens, logprobs, self.kv_cache = _model_step(
             self.model.params, jnp.asarray(tokens), jnp.asarray(positions), self.kv_cache, metadata,
             jnp.asarray(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)

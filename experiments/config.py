@@ -128,7 +128,7 @@ class ContinuousRunConfig(Strict):
     preemption: Literal["recompute", "swap"] = "recompute"
     swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
     enable_prefix_caching: bool = False
-    backend: Literal["paged_reference", "paged"] = "paged_reference"
+    backend: Literal["paged_cpu", "paged_reference", "paged"] = "paged_cpu"
 
 
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.

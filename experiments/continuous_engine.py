@@ -8,9 +8,11 @@ times. Compilations that still happen during the timed run are counted and repor
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 import models
 from continuous_batching.engine import Engine
@@ -41,7 +43,9 @@ class ContinuousServeEngine:
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
 
     def warmup(self) -> None:
-        self.serve([Request(r.request_id, r.prompt, r.output_len, 0.0) for r in self.requests], lambda n: None)
+        with tqdm(total=len(self.requests), desc=f"warm-up ({self.config.policy})", unit="req",
+                  file=sys.stderr, leave=False) as bar:
+            self.serve([Request(r.request_id, r.prompt, r.output_len, 0.0) for r in self.requests], bar.update)
         self.outputs.clear()
 
     def serve(self, requests: list[Request], progress) -> RunTrace:

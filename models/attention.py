@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from paged_attention import contiguous, decode_kernel, kv_cache, prefill_kernel
+from paged_attention import contiguous, decode_cpu, decode_kernel, kv_cache, prefill_kernel
 
 
 def _no_cache(q, k, v, layer_cache, positions, metadata):
@@ -35,7 +35,13 @@ def _contiguous(q, k, v, layer_cache, positions, metadata):
     return contiguous.contiguous_attention(q, k, v, layer_cache, positions)
 
 
-def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool):
+def _decode_cpu(q, k_cache, v_cache, block_tables, context_lens, *, pairs):
+    if pairs is None:  # metadata built without the pair lists: the dense reference
+        return decode_kernel.paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens)
+    return decode_cpu.paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, *pairs)
+
+
+def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool, cpu_decode: bool = False):
     """A paged cache `[kv_heads, num_blocks, block_size, head_dim]` per layer: write this step's
     K/V into their slots, then attend through the block tables. Tokens are flat: q is
     `[num_tokens, num_heads, head_dim]`. Decode-only steps use the one-query-per-sequence kernel;
@@ -50,6 +56,8 @@ def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool):
         kernel_args = {}
         decode = decode_kernel.paged_decode_attention_reference
         prefill = prefill_kernel.paged_prefill_attention_reference
+    if cpu_decode:
+        decode = functools.partial(_decode_cpu, pairs=metadata.decode_pairs)
     if metadata.decode_only:
         out = decode(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, **kernel_args)
     elif metadata.num_prefill_seqs is None:
@@ -70,6 +78,8 @@ BACKENDS: dict[str, Callable[..., tuple[jax.Array, Any]]] = {
     "contiguous": _contiguous,
     "paged": functools.partial(_paged, use_kernel=True),
     "paged_reference": functools.partial(_paged, use_kernel=False),
+    # XLA-on-CPU decode (paged_attention/decode_cpu.py), jnp reference prefill
+    "paged_cpu": functools.partial(_paged, use_kernel=False, cpu_decode=True),
 }
 
 

@@ -29,6 +29,9 @@ class PagedMetadata:
     # kernel. None: one kernel for the whole step.
     num_prefill_tokens: int | None = None
     num_prefill_seqs: int | None = None
+    # (pseq, qidx, rows) of `decode_cpu.build_decode_indices` for the decode rows, when the step runs
+    # the CPU decode path (backend "paged_cpu"); None otherwise.
+    decode_pairs: tuple | None = None
 
     @classmethod
     def build(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -93,5 +96,5 @@ class PagedMetadata:
 
 
 jax.tree_util.register_dataclass(
-    PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
+    PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc", "decode_pairs"],
     meta_fields=["decode_only", "max_query_len", "num_prefill_tokens", "num_prefill_seqs"])

@@ -10,7 +10,8 @@ from continuous_batching.model_runner import PagedModelRunner, SeqStep
 
 @pytest.fixture
 def runner(tiny_model):
-    return PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4)
+    return PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
+                            backend="paged_reference")
 
 
 def test_buckets(runner):
@@ -59,12 +60,13 @@ def test_a_mixed_step_splits_prompts_and_decodes_and_keeps_the_callers_order(run
     assert (16, 1, 4, 4) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
 
 
-def test_the_pallas_backend_runs_split_steps_like_the_reference(tiny_model):
-    """The same mixed step through the Pallas kernels (interpreted on CPU) and the jnp references."""
+def test_every_backend_runs_split_steps_like_the_reference(tiny_model):
+    """The same mixed step through the Pallas kernels (interpreted on CPU), the XLA-CPU decode path
+    and the jnp references."""
     tokens = {}
-    for backend in ("paged", "paged_reference"):
+    for backend in ("paged", "paged_cpu", "paged_reference"):
         runner = PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
                                   backend=backend)
         first = runner.step([SeqStep([0, 1], 6, [5, 9, 14, 3, 7, 8])]).tokens
         tokens[backend] = first + runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, [11, 12, 13])]).tokens
-    assert tokens["paged"] == tokens["paged_reference"]
+    assert tokens["paged"] == tokens["paged_cpu"] == tokens["paged_reference"]
