@@ -1,0 +1,61 @@
+"""Time one decode step of the paged model runner at ShareGPT-like context lengths:
+`python -m experiments.decode_step [--backend paged_cpu] [--batch 64 200 256]`.
+
+Seeded random SmolLM2-135M weights (speed does not depend on their values); contexts drawn from a
+gamma distribution with mean ~190 tokens, capped at 1,200 (ShareGPT decode with outputs capped at
+256); each sequence's pages scattered over the pool. Prints ms per step and tokens/s per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from continuous_batching.model_runner import PagedModelRunner, SeqStep
+from experiments.run import keep_freed_memory
+from models.config import PRESETS
+from models.llama import init_params
+
+
+def time_decode_step(model: models.Model, batch: int, backend: str, block_size: int = 16, repeats: int = 3):
+    """(ms per step, mean context, compile + first step s) for `batch` sequences decoding together."""
+    rng = np.random.default_rng(batch)
+    ctx = np.minimum(rng.gamma(1.2, 190 / 1.2, batch).astype(int) + 1, 1200)
+    pages = -(-ctx // block_size)
+    perm = rng.permutation(int(pages.sum()) + 8)
+    runner = PagedModelRunner(model, num_blocks=len(perm), block_size=block_size, max_num_seqs=max(256, batch),
+                              max_blocks_per_seq=80, backend=backend)
+    seqs, offset = [], 0
+    for c, n in zip(ctx, pages):
+        seqs.append(SeqStep(perm[offset:offset + n].tolist(), int(c), [5]))
+        offset += n
+    start = time.perf_counter()
+    runner.step(seqs)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner.step(seqs)
+    return (time.perf_counter() - start) / repeats * 1e3, float(ctx.mean()), first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.decode_step", description=__doc__)
+    parser.add_argument("--backend", default="paged_cpu", choices=["paged_cpu", "paged_reference", "paged"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 200, 256])
+    args = parser.parse_args()
+    keep_freed_memory()
+    config = PRESETS["smollm2-135m"]
+    model = models.Model(config, init_params(config, 0, jnp.float32, 0.02))
+    print(f"| batch | mean context | ms / step | tok/s | compile + first step s |  ({args.backend})")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+        ms, mean_ctx, first = time_decode_step(model, batch, args.backend)
+        print(f"| {batch} | {mean_ctx:.0f} | {ms:.0f} | {batch / ms * 1e3:.0f} | {first:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
