@@ -99,7 +99,9 @@ def keep_freed_memory() -> None:
     """Tell glibc malloc to keep freed memory instead of returning it to the OS (what the env vars
     MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 do). XLA on
     CPU allocates every step's temporaries anew; served from fresh mmaps they page-fault on every
-    step, which measured 2-3x slower attention. Process-wide, so only the CLI does it; no-op off glibc."""
+    step, which measured 2-3x slower attention. Process-wide and opt-in (`--keep-freed-memory`): a
+    vs_hf run with it on (HF torch b8, b32, then our static engine) was OOM-killed at 24 GB, most
+    likely heap fragmentation with no trimming. No-op off glibc."""
     import ctypes
 
     try:
@@ -116,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/configs/quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
     parser.add_argument("--smoke", action="store_true", help="apply the config's `smoke:` overrides (tiny, fast)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory: faster XLA CPU steps, more resident memory")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, smoke=args.smoke)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    keep_freed_memory()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     out_dir = args.out or Path("results") / (config.experiment + ("-smoke" if args.smoke else ""))
     run_experiment(config, out_dir)
     return 0
