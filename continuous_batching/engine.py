@@ -25,11 +25,11 @@ import models
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
 from continuous_batching.request import Sequence, Status
-from continuous_batching.reservation import ReservationManager, reservation_tokens
-from continuous_batching.sampler import request_key
+from continuous_batching.reservation import ReservationManager
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.scheduler import Scheduler
 from continuous_batching.stop_checker import StopChecker
+from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
 from paged_attention.kv_cache import swap_in_blocks, swap_out_blocks
 
@@ -75,8 +75,7 @@ class Engine:
             reserve = None
         else:
             self.manager = ReservationManager(config.num_blocks, config.block_size)
-            rule = "max" if config.policy == "static" else config.reservation
-            reserve = lambda seq: reservation_tokens(rule, len(seq.prompt), seq.max_tokens, config.max_model_len)
+            reserve = lambda seq: config.kv_tokens_needed(len(seq.prompt), seq.max_tokens)
         self.scheduler = Scheduler(self.manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    chunked_prefill=config.policy == "chunked_prefill",
@@ -139,9 +138,7 @@ class Engine:
         if prompt_len + params.max_tokens > c.max_model_len:
             raise ValueError(f"prompt ({prompt_len} tokens) + SamplingParams.max_tokens ({params.max_tokens}) "
                              f"must be <= max_model_len={c.max_model_len}")
-        needed = reservation_tokens("max", 0, 0, c.max_model_len) if c.policy == "static" else \
-            reservation_tokens(c.reservation, prompt_len, params.max_tokens, c.max_model_len) \
-            if not c.paged else prompt_len + params.max_tokens
+        needed = c.kv_tokens_needed(prompt_len, params.max_tokens)
         if -(-needed // c.block_size) > c.num_blocks:
             raise ValueError(f"the request needs {needed} tokens of KV cache, more than num_blocks="
                              f"{c.num_blocks} x block_size={c.block_size} hold")

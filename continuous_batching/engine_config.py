@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from continuous_batching.reservation import RESERVATIONS
+from continuous_batching.reservation import RESERVATIONS, reservation_tokens
+from continuous_batching.sampling_params import check_known_keys
 from continuous_batching.scheduler import PREEMPTION_MODES
 
 POLICIES = {
@@ -60,14 +61,19 @@ class EngineConfig:
     def paged(self) -> bool:
         return self.policy in ("continuous", "chunked_prefill")
 
+    def kv_tokens_needed(self, prompt_len: int, max_tokens: int) -> int:
+        """KV slots a request holds at most: its reservation (static: max; request_level: the
+        `reservation` rule), or on pages its prompt + output."""
+        if self.paged:
+            return prompt_len + max_tokens
+        rule = "max" if self.policy == "static" else self.reservation
+        return reservation_tokens(rule, prompt_len, max_tokens, self.max_model_len)
+
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.block_size)
 
     @classmethod
     def from_dict(cls, data: dict) -> "EngineConfig":
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown engine setting(s) {unknown}; allowed: {allowed}")
+        check_known_keys(cls, data, "engine setting")
         return cls(**data)

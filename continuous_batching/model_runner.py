@@ -45,7 +45,7 @@ class SeqStep:
     context_len: int  # tokens in the cache after this step
     new_tokens: list[int]
     params: SamplingParams = GREEDY
-    key: np.ndarray | None = None  # u32[2] request PRNG key (sampler.request_key); None: zeros
+    key: np.ndarray | None = None  # u32[2] request PRNG key (models.sampling.request_key); None: zeros
     num_generated: int = 0  # tokens the request has generated (folded into its key)
     history: tuple[list[int], list[int]] = ((), ())  # (prompt, output) tokens, for penalties
 

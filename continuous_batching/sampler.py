@@ -20,14 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from continuous_batching.sampling_params import SamplingParams
-from models.sampling import SamplingArrays, sample
+from models.sampling import SamplingArrays, sample, sampling_kind
 
 MAX_LOGPROBS = 20  # SamplingParams.logprobs is at most this: one static top-k for every request
-
-
-def request_key(seed: int, row_id: int) -> np.ndarray:
-    """A request's raw PRNG key (u32[2]): `fold_in(key(seed), row_id)`, as `SamplingArrays` builds."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), row_id)), np.uint32)
 
 
 @jax.tree_util.register_dataclass
@@ -55,12 +50,7 @@ class SamplerFlags:
     @classmethod
     def for_params(cls, params: list[SamplingParams]) -> "SamplerFlags":
         """The cheapest flags that serve every row."""
-        if all(p.temperature == 0 for p in params):
-            kind = "greedy"
-        elif any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params):
-            kind = "filtered"
-        else:
-            kind = "random"
+        kind = sampling_kind(params)  # SamplingParams has the .greedy / .filters it reads
         penalties = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params)
         return cls(kind, penalties, any(p.logprobs is not None for p in params))
 

@@ -15,6 +15,14 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_known_keys(cls, data: dict, what: str) -> None:
+    """Raise ValueError naming unknown keys of `data` and the dataclass `cls`'s allowed fields."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {allowed}")
+
+
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -74,13 +82,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p is active (as `models.sampling.SamplingConfig.filters`)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
         """From a plain dict (e.g. an API request); unknown keys name the allowed ones."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {allowed}")
+        check_known_keys(cls, data, "sampling parameter")
         data = {k: tuple(v) if k in ("stop_token_ids", "stop") and isinstance(v, list) else v
                 for k, v in data.items()}
         return cls(**data)

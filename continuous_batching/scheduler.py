@@ -122,7 +122,7 @@ class Scheduler:
             seq.num_computed = self._allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            plan.seqs.append(self._plan(seq, self.budget if self.admit_when_idle else budget))
+            plan.seqs.append(self._plan(seq, budget))
             budget -= plan.seqs[-1].num_new_tokens
         return plan
 
@@ -151,7 +151,7 @@ class Scheduler:
         return True
 
     def _plan(self, seq: Sequence, budget: int) -> ScheduledSeq:
-        n = min(seq.num_uncomputed, max(budget, 0)) if not self.admit_when_idle else seq.num_uncomputed
+        n = seq.num_uncomputed if self.admit_when_idle else min(seq.num_uncomputed, budget)
         return ScheduledSeq(seq.seq_id, n, samples=seq.num_computed + n == seq.num_tokens)
 
     def _preempt(self, seq: Sequence, plan: Schedule) -> None:

@@ -43,6 +43,11 @@ class SamplingConfig:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
+def request_key(seed: int, row_id: int) -> np.ndarray:
+    """A request's raw PRNG key (u32[2]): `fold_in(key(seed), row_id)`."""
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), row_id)), np.uint32)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
@@ -57,8 +62,7 @@ class SamplingArrays:
     def from_configs(cls, configs: list[SamplingConfig], row_ids: list[int] | None = None) -> "SamplingArrays":
         """Stack per-request settings; row_ids (default 0..n-1) make each row's key distinct."""
         row_ids = list(range(len(configs))) if row_ids is None else row_ids
-        keys = np.stack([np.asarray(jax.random.key_data(
-            jax.random.fold_in(jax.random.key(c.seed), r))) for c, r in zip(configs, row_ids)])
+        keys = np.stack([request_key(c.seed, r) for c, r in zip(configs, row_ids)])
         return cls(temperature=jnp.asarray([c.temperature for c in configs], jnp.float32),
                    top_k=jnp.asarray([c.top_k for c in configs], jnp.int32),
                    top_p=jnp.asarray([c.top_p for c in configs], jnp.float32),

@@ -6,9 +6,10 @@ import numpy as np
 
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
-from continuous_batching.sampler import SamplerFlags, apply_penalties, build_inputs, request_key
+from continuous_batching.sampler import SamplerFlags, apply_penalties, build_inputs
 from continuous_batching.sampling_params import SamplingParams
 from models.llama import forward
+from models.sampling import request_key
 
 
 def penalties_reference(logits, prompt, output, rep, presence, frequency):
