@@ -10,6 +10,12 @@ Each step: the scheduler plans (`scheduler.py`), the engine applies the plan's b
 device cache (swap-out, copy-on-write, swap-in, in that order), the model runner runs one jitted
 model step and samples on device (`model_runner.py`), and the scheduler records the tokens. A
 request with `n > 1` runs as n sequences (with prefix caching on, they share the prompt's blocks).
+A request with `beam_width > 1` runs beam search above the scheduler, as vLLM V1 does
+(`beam_search.py`): each round, every live beam is a one-token sequence of prompt + beam tokens
+asking for 2 * beam_width log-probs; when all of a round's sequences are done the beams advance and
+the next round's sequences are queued. Its `RequestOutput` comes once, finished: the best n beams,
+best first, with `cumulative_logprob`. Rounds reuse earlier rounds' KV only through prefix caching
+(`EngineConfig.enable_prefix_caching`); without it each round recomputes every beam's prefix.
 Bad input raises `ValueError` in `add_request`, naming the field; the engine's state is untouched.
 """
 
@@ -22,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import models
+from continuous_batching.beam_search import BeamSearchState, round_params
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
 from continuous_batching.request import Sequence, Status
@@ -39,12 +46,13 @@ FINISH_REASONS = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "leng
 
 @dataclasses.dataclass
 class CompletionOutput:
-    index: int  # which of the request's n samples
+    index: int  # which of the request's n samples (beam search: the beam's rank, 0 = best)
     token_ids: list[int]  # every token generated so far
     new_token_ids: list[int]  # the tokens this step added
     text: str | None  # detokenized output once finished (None before, or without a tokenizer)
     finish_reason: str | None  # None while running; "stop", "length" or "abort"
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per token: (its lp, top-k (id, lp))
+    cumulative_logprob: float | None = None  # beam search: the beam's summed raw log-probs
 
 
 @dataclasses.dataclass
@@ -59,9 +67,15 @@ class RequestOutput:
 class _Request:
     request_id: int
     params: SamplingParams
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # beam search: the current round's, one per live beam
     stop: StopChecker | None
     logprobs: list[list] = dataclasses.field(default_factory=list)  # per sample
+    beam: BeamSearchState | None = None  # beam search only
+
+    @property
+    def seq_params(self) -> SamplingParams:
+        """What the runner samples this request's sequences with."""
+        return self.params if self.beam is None else round_params(self.params)
 
 
 class Engine:
@@ -102,13 +116,16 @@ class Engine:
             raise ValueError(f"params must be a SamplingParams or a dict, got {type(params).__name__}")
         prompt = self._prompt_ids(prompt)
         self._check_fits(len(prompt), params)
-        if params.beam_width > 1:
-            raise ValueError("SamplingParams.beam_width must be 1: beam search is not implemented yet")
         if params.stop and self.model.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a model with a tokenizer; use stop_token_ids")
         request_id = next(self._request_ids)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.model.config.eos_token_ids))
+        if params.beam_width > 1:
+            request = self.requests[request_id] = _Request(request_id, params, [], None,
+                                                           beam=BeamSearchState.start(prompt, params, stop_ids))
+            self._start_round(request)
+            return request_id
         seqs = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), list(prompt), params.max_tokens, stop_ids)
@@ -121,6 +138,13 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
+
+    def _start_round(self, request: _Request) -> None:
+        """Queue one greedy one-token sequence per live beam (prompt + the beam's tokens)."""
+        request.seqs = [Sequence(next(self._seq_ids), tokens, 1) for tokens in request.beam.round_prompts()]
+        for index, seq in enumerate(request.seqs):
+            self.seq_owner[seq.seq_id] = (request.request_id, index)
+            self.scheduler.add(seq)
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -142,16 +166,18 @@ class Engine:
         if -(-needed // c.block_size) > c.num_blocks:
             raise ValueError(f"the request needs {needed} tokens of KV cache, more than num_blocks="
                              f"{c.num_blocks} x block_size={c.block_size} hold")
-        if c.policy == "continuous" and prompt_len > c.max_num_batched_tokens:
-            raise ValueError(f"prompt ({prompt_len} tokens) must be <= max_num_batched_tokens="
-                             f"{c.max_num_batched_tokens} (or use policy chunked_prefill)")
+        beam = params.beam_width > 1  # beam search's last round prompts prompt + max_tokens - 1 tokens
+        if c.policy == "continuous" and prompt_len + beam * (params.max_tokens - 1) > c.max_num_batched_tokens:
+            raise ValueError(f"prompt ({prompt_len} tokens{' + max_tokens - 1 beam tokens' if beam else ''}) must "
+                             f"be <= max_num_batched_tokens={c.max_num_batched_tokens} (or use policy chunked_prefill)")
 
     def abort(self, request_id: int) -> None:
         """Stop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
         request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else []:
+        for seq in request.seqs if request else []:  # beam search: the current round's
             if not seq.status.finished:
                 self.scheduler.abort(seq.seq_id)
+            self.seq_owner.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -173,12 +199,17 @@ class Engine:
         sampled = {p.seq_id: t for p, t in zip(plan.seqs, result.tokens) if p.samples}
         self.scheduler.update(plan, sampled)
         touched: dict[int, list[int]] = {}
+        rounds_done: list[_Request] = []
         for i, p in enumerate(plan.seqs):
             if not p.samples:
                 continue
             seq = seqs[p.seq_id]
             request_id, index = self.seq_owner[p.seq_id]
             request = self.requests[request_id]
+            if request.beam is not None:  # a one-token round sequence: it finished, report its candidates
+                if request.beam.record(index, result.logprobs[i][1]):
+                    rounds_done.append(request)
+                continue
             if result.logprobs is not None and request.params.logprobs is not None:
                 chosen, top = result.logprobs[i]
                 request.logprobs[index].append((chosen, top[:request.params.logprobs]))
@@ -186,7 +217,8 @@ class Engine:
                 seq.status = Status.FINISHED_STOPPED
                 self.scheduler.finish(seq)
             touched.setdefault(request_id, []).append(index)
-        return [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
+        outputs = [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
+        return outputs + [out for request in rounds_done if (out := self._next_round(request))]
 
     def _count(self, plan, seqs: dict[int, Sequence]) -> None:
         decode = sum(1 for p in plan.seqs if p.num_new_tokens == 1 and seqs[p.seq_id].output
@@ -220,7 +252,7 @@ class Engine:
         request = self.requests[self.seq_owner[seq.seq_id][0]]
         start = seq.num_computed
         return SeqStep(self.manager.get_block_table(seq.seq_id), start + num_new,
-                       seq.tokens[start:start + num_new], request.params, seq.key, len(seq.output),
+                       seq.tokens[start:start + num_new], request.seq_params, seq.key, len(seq.output),
                        (seq.prompt, seq.output))
 
     def _output(self, request_id: int, new_for: list[int]) -> RequestOutput:
@@ -242,6 +274,23 @@ class Engine:
             for seq in request.seqs:
                 del self.seq_owner[seq.seq_id]
         return RequestOutput(request_id, list(request.seqs[0].prompt), outputs, finished)
+
+    def _next_round(self, request: _Request) -> RequestOutput | None:
+        """A beam request's round is done (its beams advanced): queue the next round, or finish
+        with the best n beams."""
+        for seq in request.seqs:
+            del self.seq_owner[seq.seq_id]
+        if not request.beam.finished:
+            self._start_round(request)
+            return None
+        del self.requests[request.request_id]
+        outputs = []
+        for rank, beam in enumerate(request.beam.best(request.params.n)):
+            tokens = list(beam.tokens)
+            text = None if self.model.tokenizer is None else self.model.tokenizer.decode(tokens)
+            outputs.append(CompletionOutput(rank, tokens, list(tokens), text, "stop" if beam.stopped else "length",
+                                            None, beam.cum_logprob))
+        return RequestOutput(request.request_id, list(request.beam.prompt), outputs, True)
 
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
                  *, progress: bool = True) -> list[RequestOutput]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+MAX_BEAM_WIDTH = 10  # a round asks for 2 * beam_width raw log-probs; the runner returns 20
+
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -42,7 +44,8 @@ class SamplingParams:
     seed: int | None = None  # None: the engine's per-request default
     logprobs: int | None = None  # return the top-k log-probs of each generated token
     ignore_eos: bool = False
-    beam_width: int = 1  # > 1: beam search (greedy by summed log-probs)
+    beam_width: int = 1  # > 1: beam search (continuous_batching/beam_search.py), at most 10
+    length_penalty: float = 1.0  # beam search: rank by cum_logprob / output_len ** length_penalty
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,18 +68,35 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "None or an int in [0, 20]"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
-            ("beam_width", _int(self.beam_width) and self.beam_width >= 1, "an int >= 1"),
+            ("beam_width", _int(self.beam_width) and 1 <= self.beam_width <= MAX_BEAM_WIDTH,
+             f"an int in [1, {MAX_BEAM_WIDTH}] (2 * beam_width log-probs, at most 20)"),
+            ("length_penalty", _number(self.length_penalty), "a finite number"),
         ]
         for field, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{field} must be {allowed}, got {getattr(self, field)!r}")
-        if self.beam_width > 1 and (self.temperature != 0 or self.top_k or self.top_p < 1):
+        if self.beam_width > 1:
+            self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """What beam search (beam_width > 1) needs, and what it does not combine with, each refused
+        by name (kept simple and explicit)."""
+        if self.temperature != 0 or self.top_k or self.top_p < 1:
             raise ValueError("SamplingParams.beam_width > 1 (beam search) needs temperature=0 and no "
                              f"top_k/top_p, got temperature={self.temperature!r}, top_k={self.top_k!r}, "
                              f"top_p={self.top_p!r}")
-        if self.beam_width > 1 and self.n > self.beam_width:
+        if self.n > self.beam_width:
             raise ValueError(f"SamplingParams.n ({self.n}) must be <= beam_width ({self.beam_width}): "
                              "beam search returns at most beam_width sequences")
+        refused = [("repetition_penalty", self.repetition_penalty != 1, "1 (off)"),
+                   ("presence_penalty", self.presence_penalty != 0, "0 (off)"),
+                   ("frequency_penalty", self.frequency_penalty != 0, "0 (off)"),
+                   ("stop", bool(self.stop), "() (use stop_token_ids)"),
+                   ("logprobs", self.logprobs is not None, "None (beams return cumulative_logprob)")]
+        for field, bad, allowed in refused:
+            if bad:
+                raise ValueError(f"SamplingParams.{field} must be {allowed} with beam search (beam_width > 1), "
+                                 f"got {getattr(self, field)!r}")
 
     @property
     def greedy(self) -> bool:

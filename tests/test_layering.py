@@ -34,7 +34,8 @@ PACKAGES = tuple(ALLOWED_IMPORTS)
 HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
              "continuous_batching/sampling_params.py", "continuous_batching/scheduler.py",
              "continuous_batching/request.py", "continuous_batching/reservation.py",
-             "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py")
+             "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py",
+             "continuous_batching/beam_search.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 

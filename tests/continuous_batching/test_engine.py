@@ -63,7 +63,7 @@ def test_seeded_sampling_is_batch_invariant(tiny_model, workload):
 
 @pytest.mark.parametrize("bad,field", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
-    (dict(max_tokens=60), "max_model_len=64"), (dict(beam_width=2), "beam_width"),
+    (dict(max_tokens=60), "max_model_len=64"), (dict(beam_width=11), "beam_width"),
     (dict(stop=("x",)), "stop"), (dict(colour=1), "allowed")])
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_model, workload, bad, field):
     prompts, max_tokens, reference = workload
