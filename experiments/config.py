@@ -131,9 +131,27 @@ class ContinuousRunConfig(Strict):
     backend: Literal["paged_cpu", "paged_reference", "paged"] = "paged_cpu"
 
 
+class LlamaCppRunConfig(Strict):
+    """Baseline: llama.cpp (llama-cpp-python, optional extra) at batch 1 on the model's GGUF weights
+    written as F32 (experiments/baselines/llama_cpp.py)."""
+
+    name: str
+    engine: Literal["llama-cpp"]
+    n_threads: int | None = Field(default=None, gt=0)  # None: every core
+
+
+class GemmRooflineRunConfig(Strict):
+    """The f32 GEMM speed of this machine as a decode-rate bound for the model (experiments/roofline.py)."""
+
+    name: str
+    engine: Literal["gemm_roofline"]
+    size: int = Field(default=2048, gt=0)  # square GEMM size x size x size
+    iterations: int = Field(default=20, gt=0)
+
+
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig,
-               AttentionBenchRunConfig, ContinuousRunConfig)
+               AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

@@ -59,7 +59,8 @@ class ContinuousServeEngine:
         gaps: list[float] = []  # time between a request's consecutive tokens (inter-token latency)
         records: list[RequestRecord] = []
         used_peak = blocks_peak = num_steps = 0
-        util_sum = prefill_s = 0.0
+        util_sum = prefill_s = decode_s = 0.0
+        decode_tokens = 0  # tokens sampled by steps that computed no prompt (pure decode steps)
         start = time.perf_counter()
         while pending or engine.has_unfinished():
             now = time.perf_counter() - start
@@ -75,6 +76,9 @@ class ContinuousServeEngine:
             t = time.perf_counter() - start
             if engine.last_step_prefilled:
                 prefill_s += time.perf_counter() - step_start
+            else:
+                decode_s += time.perf_counter() - step_start
+                decode_tokens += len(engine.last_plan.seqs)
             manager = engine.manager
             used_peak = max(used_peak, manager.num_real_tokens)
             blocks_peak = max(blocks_peak, manager.num_used_blocks)
@@ -99,5 +103,6 @@ class ContinuousServeEngine:
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
                                        "prefill_steps": engine.stats["prefill_steps"],
+                                       "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
                                        "inter_token_latency_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
                                        "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0})

@@ -55,6 +55,10 @@ class RunTrace:
     extra_metrics: dict = dataclasses.field(default_factory=dict)
 
 
+class OptionalEngineMissing(ImportError):
+    """An optional baseline's package is not installed: the harness skips that run and says so."""
+
+
 class Engine(Protocol):
     def warmup(self) -> None: ...
     def serve(self, requests: list[Request], progress: Callable[[int], None]) -> RunTrace: ...
@@ -150,6 +154,14 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
         from experiments.continuous_engine import ContinuousServeEngine
 
         return ContinuousServeEngine(model, run_config, requests)
+    if run_config.engine == "llama-cpp":
+        from experiments.baselines.llama_cpp import LlamaCppEngine
+
+        return LlamaCppEngine(model, run_config, requests)
+    if run_config.engine == "gemm_roofline":
+        from experiments.roofline import GemmRooflineEngine
+
+        return GemmRooflineEngine(model, run_config, requests)
     if run_config.engine == "attention_bench":
         from experiments.attention_bench import AttentionBenchEngine
 
@@ -163,5 +175,5 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
 
         return SharingSimEngine(model, run_config, requests)
     raise ValueError(f"unknown engine {run_config.engine!r}; "
-                     "allowed: 'static', 'hf', 'paged', 'continuous', 'memory_sim', 'sharing_sim', "
-                     "'attention_bench'")
+                     "allowed: 'static', 'hf', 'paged', 'continuous', 'llama-cpp', 'gemm_roofline', "
+                     "'memory_sim', 'sharing_sim', 'attention_bench'")

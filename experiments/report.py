@@ -63,22 +63,37 @@ KERNEL_COLUMNS = [
     ("kv_gb_per_s", "KV read GB/s", "{:.1f}"),
     ("device", "device", "{}"),
 ]
+# decode speed (batch 1 vs llama.cpp, large batch vs the GEMM roofline): the last column is decode
+# tokens/s relative to the first run
+DECODE_COLUMNS = [
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("mean_seqs_per_step", "seqs / step", "{:.1f}"),
+    ("output_tokens_per_s", "output tok/s (with prefill)", "{:.1f}"),
+    ("gemm_gflops", "GEMM GFLOP/s (XLA)", "{:.0f}"),
+    ("gemm_gflops_torch", "GEMM GFLOP/s (torch)", "{:.0f}"),
+    ("num_compilations", "compiles", "{:d}"),
+]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "simulation": (SIMULATION_COLUMNS, "output_tokens_per_iteration"),
            "sharing": (SHARING_COLUMNS, None),
-           "kernel": (KERNEL_COLUMNS, "attention_us_per_call")}
+           "kernel": (KERNEL_COLUMNS, "attention_us_per_call"),
+           "decode": (DECODE_COLUMNS, "decode_tokens_per_s")}
 
 
 def _table_kind(runs: list[dict]) -> str:
-    """'sharing', 'simulation' (memory, no clock) or 'serving', by the metrics every run has."""
+    """'sharing', 'kernel', 'simulation' (memory, no clock), 'decode' (a roofline or llama.cpp run
+    beside ours) or 'serving', by the runs' metrics."""
     if all("memory_saved_fraction" in run["metrics"] for run in runs):
         return "sharing"
     if all("attention_us_per_call" in run["metrics"] for run in runs):
         return "kernel"
     if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
         return "simulation"
+    if any("gemm_gflops" in run["metrics"] for run in runs) or any(
+            run["config"].get("engine") == "llama-cpp" for run in runs):
+        return "decode"
     return "serving"
 
 
@@ -142,6 +157,8 @@ def plot_runs(path: Path, result: dict) -> Path:
         return plot_simulation(path, result)
     if kind == "kernel":
         return plot_kernel(path, result)
+    if kind == "decode":
+        return plot_decode(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -217,6 +234,22 @@ def plot_kernel(path: Path, result: dict) -> Path:
     ax.set_ylabel("us per call (median)")
     ax.tick_params(axis="x", rotation=30)
     ax.set_title(f"{result['experiment']}: one layer's decode attention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decode(path: Path, result: dict) -> Path:
+    """Decode tokens/s per run (a roofline run shows the bound the GEMM speed sets)."""
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs)), 4))
+    bars = ax.bar([r["name"] for r in runs], [r["metrics"]["decode_tokens_per_s"] for r in runs],
+                  color=["tab:gray" if "gemm_gflops" in r["metrics"] else "tab:blue" for r in runs])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("decode tokens/s")
+    ax.tick_params(axis="x", rotation=20)
+    ax.set_title(f"{result['experiment']} - {result['model']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

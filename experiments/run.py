@@ -15,7 +15,7 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from experiments.engines import make_engine  # noqa: E402
+from experiments.engines import OptionalEngineMissing, make_engine  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
@@ -32,7 +32,11 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         return _run_rate_sweep(model, config, requests, out_dir)
     runs, outputs = [], {}
     for run_config in config.runs:
-        engine = make_engine(model, run_config, requests)
+        try:
+            engine = make_engine(model, run_config, requests)
+        except OptionalEngineMissing as err:
+            print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)
+            continue
         start = time.perf_counter()
         engine.warmup()
         warmup_s = time.perf_counter() - start
@@ -87,6 +91,9 @@ def evaluate_claims(config: ExperimentConfig, runs: list[dict]) -> list[dict]:
     metrics = {run["name"]: run["metrics"] for run in runs}
     claims = []
     for claim in config.claims:
+        if claim.run not in metrics or (claim.ratio_to is not None and claim.ratio_to not in metrics):
+            print(f"claim {claim.claim!r} not evaluated: its run was skipped", file=sys.stderr)
+            continue
         ours = metrics[claim.run][claim.metric]
         if claim.ratio_to is not None:
             ours = ours / metrics[claim.ratio_to][claim.metric]

@@ -25,6 +25,7 @@ class Model:
     config: ModelConfig
     params: Params
     tokenizer: Any = None
+    gguf_path: Path | None = None  # the GGUF file the weights came from (llama.cpp baselines reuse it)
 
     @property
     def dtype(self) -> str:
@@ -63,11 +64,11 @@ def load(source: str | Path, dtype: str = "float32", *, random_weights: bool = F
             return Model(config, init_params(config, seed=seed, dtype=dtype))
         path = find_packaged_gguf(source_str)
         _, params = load_gguf(path, dtype)  # keep the preset's name and exact config
-        return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None)
+        return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None, path)
     path = Path(source_str)
     if path.suffix == ".gguf" and path.is_file():
         config, params = load_gguf(path, dtype)
-        return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None)
+        return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None, path)
     if path.is_dir():
         config, params = load_hf_checkpoint(path, dtype)
         tok = None

@@ -25,6 +25,12 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
         if run["config"]["engine"] == "attention_bench":
             assert m["attention_us_per_call"] > 0 and m["kv_gb_per_s"] > 0 and m["kv_bytes_allocated_peak"] > 0
             continue
+        if run["config"]["engine"] == "gemm_roofline":
+            assert m["gemm_gflops"] > 0 and m["decode_tokens_per_s"] == pytest.approx(
+                m["gemm_gflops"] * 1e9 / m["flops_per_token"])
+            continue
+        if run["config"]["engine"] == "continuous":
+            assert m["decode_tokens_per_s"] > 0
         assert 0 < m["kv_utilization"] <= 1
         assert 0 < m["kv_bytes_used_peak"] <= m["kv_bytes_allocated_peak"]
         if run["config"]["engine"] == "memory_sim":
