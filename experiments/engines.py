@@ -107,6 +107,7 @@ class StaticEngine:
         self.prompt_buckets = sorted({prompt_bucket(len(r.prompt)) for r in requests})
         self.max_len = round_up(self.prompt_buckets[-1] + max(r.output_len for r in requests), 64)
         self.greedy = SamplingConfig()
+        self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
 
     def _run(self, prompts, output_lens, row_ids):
         return run_static_batch(self.model.params, self.model.config, prompts, output_lens,
@@ -124,6 +125,7 @@ class StaticEngine:
         def run_batch(batch: list[Request]) -> BatchOutcome:
             result = self._run([list(r.prompt) for r in batch], [r.output_len for r in batch],
                                [r.request_id for r in batch])
+            self.outputs.update({r.request_id: list(tokens) for r, tokens in zip(batch, result.tokens)})
             generated = self.batch_size * (result.decode_steps + 1)
             return BatchOutcome(result.first_token_time, result.end_time, result.kv_bytes_allocated,
                                 result.kv_bytes_used, result.kv_bytes_used_mean / result.kv_bytes_allocated,
