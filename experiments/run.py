@@ -4,6 +4,7 @@ the same workload in one process, print a markdown table, write results.json/.cs
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,12 +47,14 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         if getattr(engine, "outputs", None):
             outputs[run_config.name] = dict(engine.outputs)
         runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})
+        _save_partial(out_dir, config, runs)  # a later run that dies (e.g. out of memory) loses only itself
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
               "runs": runs, "claims": evaluate_claims(config, runs)}
     if config.check_same_outputs:
         result["same_outputs"] = same_outputs(outputs)
     paths = write_results(out_dir, result)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(markdown_table(runs))
     if config.check_same_outputs:
         print(f"\nsame tokens for every request as run {next(iter(outputs), '-')!r}: {result['same_outputs']}")
@@ -59,6 +62,13 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return result
+
+
+def _save_partial(out_dir: Path, config: ExperimentConfig, runs: list[dict]) -> None:
+    """results.partial.json: the runs finished so far (removed once results.json is written)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.partial.json").write_text(json.dumps(
+        {"experiment": config.experiment, "model": config.model, "runs": runs}, indent=2))
 
 
 def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) -> dict:

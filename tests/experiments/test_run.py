@@ -88,3 +88,29 @@ def test_unknown_key_exits_2_and_names_it(tmp_path, capsys):
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "runs[0].batchsize: unknown key; allowed keys: batch_size, engine, name" in err
+
+
+def test_finished_runs_survive_a_later_run_that_dies(tmp_path, monkeypatch):
+    import experiments.run as run_module
+    from experiments.config import parse_config
+
+    config = parse_config({"experiment": "dies", "model": "tiny",
+                           "workload": {"kind": "alpaca", "num_requests": 2, "max_output_len": 3},
+                           "runs": [{"name": "first", "engine": "static"}, {"name": "second", "engine": "static"}]})
+    real_make_engine, calls = run_module.make_engine, []
+
+    def make_engine(model, run_config, requests):
+        calls.append(run_config.name)
+        if run_config.name == "second":
+            raise MemoryError("killed")
+        return real_make_engine(model, run_config, requests)
+
+    monkeypatch.setattr(run_module, "make_engine", make_engine)
+    with pytest.raises(MemoryError):
+        run_module.run_experiment(config, tmp_path)
+    partial = json.loads((tmp_path / "results.partial.json").read_text())
+    assert calls == ["first", "second"] and [r["name"] for r in partial["runs"]] == ["first"]
+    assert partial["runs"][0]["metrics"]["output_tokens_per_s"] > 0
+    monkeypatch.setattr(run_module, "make_engine", real_make_engine)
+    run_module.run_experiment(config, tmp_path)
+    assert not (tmp_path / "results.partial.json").exists() and (tmp_path / "results.json").exists()
