@@ -181,6 +181,7 @@ class ExperimentConfig(Strict):
     request_rates: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
     latency_bound_s_per_token: float = Field(default=1.0, gt=0)  # "sustained": mean normalized latency below this
     check_same_outputs: bool = False  # every run that records its tokens must give every request the same ones
+    warmup: bool = True  # untimed warm-up pass per run; False (correctness runs): compile time is timed
 
     @field_validator("runs")
     @classmethod

@@ -39,7 +39,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        engine.warmup()
+        if config.warmup:
+            engine.warmup()
         warmup_s = time.perf_counter() - start
         with tqdm(total=len(requests), desc=run_config.name, unit="req", file=sys.stderr) as bar:
             trace = engine.serve(requests, bar.update)
