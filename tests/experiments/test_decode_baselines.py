@@ -1,5 +1,5 @@
-"""The decode-speed baselines: llama.cpp's F32 GGUF conversion, the optional-engine skip, the GEMM
-roofline's FLOP count, and both decode configs end to end on their smoke sizes."""
+"""The decode-speed baselines: llama.cpp's F32 GGUF conversion, the optional-engine skip and the
+GEMM roofline's FLOP count (both decode configs run end to end in tests/experiments/test_run.py)."""
 
 from __future__ import annotations
 
@@ -16,50 +16,14 @@ from experiments.engines import OptionalEngineMissing, make_engine
 from experiments.roofline import matmul_flops_per_token
 from experiments.run import run_experiment
 from models.config import PRESETS
-from models.loading import params_to_hf_state_dict
-from tests.models.test_loading import HF_TO_GGUF, LAYER_TO_GGUF, assert_params_equal, llama_cpp_permute
-
-
-def write_quantized_gguf(path, model: models.Model) -> None:
-    """A llama.cpp-style GGUF of `model` with its matrices in F16 (norms F32) and a toy vocab (the
-    tiny shapes fit no 32-wide quantization block)."""
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_ids[0])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    for name, array in params_to_hf_state_dict(model.params, config).items():
-        if name.startswith("model.layers."):
-            _, _, i, *rest = name.split(".")
-            module = ".".join(rest[:-1])
-            if module in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = config.num_heads if module == "self_attn.q_proj" else config.num_kv_heads
-                array = llama_cpp_permute(array, heads)
-            name = f"blk.{i}.{LAYER_TO_GGUF[module]}.weight"
-        else:
-            name = HF_TO_GGUF[name]
-        array = np.ascontiguousarray(array, np.float32)
-        writer.add_tensor(name, array.astype(np.float16) if array.ndim == 2 else array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+from tests.models.test_loading import assert_params_equal, write_gguf
 
 
 def test_f32_gguf_holds_the_dequantized_weights_and_the_same_metadata(tiny_model, tmp_path):
     source, dest = tmp_path / "tiny.F16.gguf", tmp_path / "tiny.F32.gguf"
-    write_quantized_gguf(source, tiny_model)
+    # matrices in F16 (the tiny shapes fit no 32-wide quantization block), with a toy vocab
+    write_gguf(source, tiny_model.params, tiny_model.config, matrix_dtype=np.float16,
+               file_type=gguf.LlamaFileType.MOSTLY_F16, toy_vocab=True)
     f32_gguf(source, dest)
     before, after = gguf.GGUFReader(source), gguf.GGUFReader(dest)
     assert {t.tensor_type for t in after.tensors} == {gguf.GGMLQuantizationType.F32}

@@ -140,8 +140,9 @@ LAYER_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "se
                  "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(path, params, config):
-    """A llama.cpp-style F32 GGUF file of these params (no tokenizer)."""
+def write_gguf(path, params, config, *, matrix_dtype=np.float32, file_type=None, toy_vocab=False):
+    """A llama.cpp-style GGUF file of these params: matrices stored as `matrix_dtype` (norms F32),
+    optionally a `file_type` field and a toy vocab (`t0`, `t1`, ...; none by default)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -157,6 +158,11 @@ def write_gguf(path, params, config):
     writer.add_vocab_size(config.vocab_size)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_ids[0])
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    if toy_vocab:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
     for name, array in params_to_hf_state_dict(params, config).items():
         if name.startswith("model.layers."):
             _, _, i, *rest = name.split(".")
@@ -168,7 +174,8 @@ def write_gguf(path, params, config):
             name = f"blk.{i}.{LAYER_TO_GGUF[module]}.weight"
         else:
             name = HF_TO_GGUF[name]
-        writer.add_tensor(name, np.ascontiguousarray(array, np.float32))  # numpy [out, in] order
+        array = np.ascontiguousarray(array, matrix_dtype if array.ndim == 2 else np.float32)
+        writer.add_tensor(name, array)  # numpy [out, in] order
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
