@@ -22,6 +22,7 @@ Bad input raises `ValueError` in `add_request`, naming the field; the engine's s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
@@ -72,9 +73,9 @@ class _Request:
     logprobs: list[list] = dataclasses.field(default_factory=list)  # per sample
     beam: BeamSearchState | None = None  # beam search only
 
-    @property
+    @functools.cached_property
     def seq_params(self) -> SamplingParams:
-        """What the runner samples this request's sequences with."""
+        """What the runner samples this request's sequences with (built once: read every step)."""
         return self.params if self.beam is None else round_params(self.params)
 
 
