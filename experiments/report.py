@@ -146,6 +146,14 @@ def write_results(out_dir: Path, result: dict) -> list[Path]:
     return [json_path, csv_path, plot_runs(out_dir / "throughput_latency.png", result)]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG (110 dpi) and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(path: Path, result: dict) -> Path:
     """Bar charts: output tokens/s, latency p50/p99, and KV memory allocated vs holding real tokens
     (for memory simulations: KV utilization and requests batched at once; for block sharing: the
@@ -180,10 +188,7 @@ def plot_runs(path: Path, result: dict) -> Path:
         ax.set_xticks(list(x), names, rotation=20, ha="right")
     fig.suptitle(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
                  f"x{result['workload']['num_requests']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_simulation(path: Path, result: dict) -> Path:
@@ -199,10 +204,7 @@ def plot_simulation(path: Path, result: dict) -> Path:
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"{result['experiment']} - {result['workload']['kind']} x{result['workload']['num_requests']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sharing(path: Path, result: dict) -> Path:
@@ -220,10 +222,7 @@ def plot_sharing(path: Path, result: dict) -> Path:
     ax.tick_params(axis="x", rotation=20)
     ax.set_title(f"{result['experiment']} - {result['model']} - {result['workload']['kind']} "
                  f"x{result['workload']['num_requests']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_kernel(path: Path, result: dict) -> Path:
@@ -234,10 +233,7 @@ def plot_kernel(path: Path, result: dict) -> Path:
     ax.set_ylabel("us per call (median)")
     ax.tick_params(axis="x", rotation=30)
     ax.set_title(f"{result['experiment']}: one layer's decode attention")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_decode(path: Path, result: dict) -> Path:
@@ -250,7 +246,4 @@ def plot_decode(path: Path, result: dict) -> Path:
     ax.set_ylabel("decode tokens/s")
     ax.tick_params(axis="x", rotation=20)
     ax.set_title(f"{result['experiment']} - {result['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -20,6 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from experiments.engines import make_engine  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
+from experiments.report import save_figure  # noqa: E402
 from experiments.workloads import Request, arrival_times  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -84,7 +85,4 @@ def plot_sweep(path: Path, config, runs: list[dict], title: str) -> Path:
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
