@@ -74,10 +74,11 @@ class ContinuousServeEngine:
             step_start = time.perf_counter()
             outputs = engine.step()
             t = time.perf_counter() - start
+            step_s = time.perf_counter() - step_start
             if engine.last_step_prefilled:
-                prefill_s += time.perf_counter() - step_start
+                prefill_s += step_s
             else:
-                decode_s += time.perf_counter() - step_start
+                decode_s += step_s
                 decode_tokens += len(engine.last_plan.seqs)
             manager = engine.manager
             used_peak = max(used_peak, manager.num_real_tokens)
