@@ -4,12 +4,14 @@ token on device (`continuous_batching.sampler`).
 
 A step is split as vLLM splits it: sequences bringing several tokens (prompts, chunks, recomputes)
 go first, to the ragged prefill kernel; sequences bringing one token (decodes) after, to the decode
-kernel, in the same jitted model step. Shapes are bucketed so `jax.jit` compiles a bounded number
-of programs: prefill tokens to a power of two (at least `MIN_PREFILL_TOKENS`), prefill rows to a
-power of two, decode rows to a power of two (at least `MIN_SEQ_BUCKET`), block tables to a power of
-two blocks (at least `MIN_BLOCK_BUCKET`, at most `max_blocks_per_seq`), so attention reads about as
-many slots as the step's longest sequence holds. Mixing a long prompt with many decodes thus costs
-prompt x context plus decodes x context, not (prompt x decodes) x context.
+kernel, in the same jitted model step. On the `paged_cpu` backend the host also builds the index
+lists of the XLA-CPU paths (`decode_cpu`'s page pairs, `prefill_cpu`'s query tiles), so attention
+work follows each sequence's own length. Shapes are bucketed so `jax.jit` compiles a bounded number
+of programs: prefill tokens to 2 sizes per octave (at least `MIN_PREFILL_TOKENS`; padding costs
+GEMM work), prefill rows to a power of two, decode rows to a power of two (at least
+`MIN_SEQ_BUCKET`), block tables to a power of two blocks (at least `MIN_BLOCK_BUCKET`, at most
+`max_blocks_per_seq`). Mixing a long prompt with many decodes thus costs prompt x context plus
+decodes x context, not (prompt x decodes) x context.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from continuous_batching.sampler import SamplerFlags, build_inputs, sample_token
 from continuous_batching.sampling_params import SamplingParams
 from models.llama import forward
 from models.static_batch import bucket_pow2
-from paged_attention.decode_cpu import build_decode_indices
+from paged_attention.decode_cpu import bucket_size, build_decode_indices
 from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes
 from paged_attention.metadata import PagedMetadata
+from paged_attention.prefill_cpu import build_prefill_indices, max_tiles
 
 MIN_SEQ_BUCKET = 4
 MIN_BLOCK_BUCKET = 8
@@ -81,7 +84,8 @@ class PagedModelRunner:
         self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
         self.kv_cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                             config.head_dim, model.params["embed"].dtype)
-        self.shapes_run: set[tuple[int, int, int, int]] = set()  # (prefill tokens, prefill rows, decode rows, blocks)
+        # (prefill tokens, prefill rows, decode rows, blocks, decode page pairs, prefill tile pairs)
+        self.shapes_run: set[tuple[int, ...]] = set()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -116,7 +120,7 @@ class PagedModelRunner:
             metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=num_decode_seqs,
                                            num_seqs=num_decode_seqs, max_blocks=max_blocks)
         else:
-            num_prefill_tokens = max(MIN_PREFILL_TOKENS, bucket_pow2(sum(query_lens[:num_prefill])))
+            num_prefill_tokens = bucket_size(sum(query_lens[:num_prefill]), MIN_PREFILL_TOKENS)
             num_prefill_seqs = bucket_pow2(num_prefill)
             num_decode = len(seqs) - num_prefill
             num_decode_seqs = self.seq_bucket(num_decode) if num_decode else 0
@@ -124,12 +128,8 @@ class PagedModelRunner:
                 tables, lens, query_lens, self.block_size, num_prefill=num_prefill,
                 num_prefill_tokens=num_prefill_tokens, num_prefill_seqs=num_prefill_seqs,
                 num_decode_seqs=num_decode_seqs, max_blocks=max_blocks)
-        if self.backend == "paged_cpu" and num_decode_seqs:
-            k_cache, _ = self.kv_cache[0]
-            tables = np.asarray(metadata.block_tables)[num_prefill_seqs:]
-            pairs = build_decode_indices(tables, np.asarray(metadata.context_lens)[num_prefill_seqs:],
-                                         k_cache.shape[1], k_cache.shape[0], self.block_size)
-            metadata = dataclasses.replace(metadata, decode_pairs=tuple(jnp.asarray(a) for a in pairs))
+        if self.backend == "paged_cpu":
+            metadata = self._with_cpu_index_lists(metadata, num_prefill_tokens, num_prefill_seqs)
         num_tokens = num_prefill_tokens + num_decode_seqs
         num_rows = num_prefill_seqs + num_decode_seqs
         # row of each ordered sequence, and the flat index of its first new token
@@ -152,8 +152,9 @@ class PagedModelRunner:
             [r.params for r in row_steps], [np.zeros(2, np.uint32) if r.key is None else r.key for r in row_steps],
             [r.num_generated for r in row_steps],
             [(list(r.history[0]), list(r.history[1])) for r in row_steps] if flags.penalties else None, num_rows)
-        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks)
-                            + (() if metadata.decode_pairs is None else (metadata.decode_pairs[0].shape[0],)))
+        pair_counts = (len(metadata.decode_pairs[0]) if metadata.decode_pairs else 0,
+                       len(metadata.prefill_pairs[2]) if metadata.prefill_pairs else 0)
+        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks) + pair_counts)
         next_tokens, logprobs, self.kv_cache = _model_step(
             self.model.params, jnp.asarray(tokens), jnp.asarray(positions), self.kv_cache, metadata,
             jnp.asarray(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)
@@ -162,6 +163,28 @@ class PagedModelRunner:
         next_tokens = np.asarray(next_tokens)
         host_lp = None if logprobs is None else _host_logprobs(logprobs, num_rows)
         return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
+
+
+    def _with_cpu_index_lists(self, metadata: PagedMetadata, num_prefill_tokens: int,
+                              num_prefill_seqs: int) -> PagedMetadata:
+        """Add the host-built index lists of the XLA-CPU paths: prefill tiles for the first
+        `num_prefill_seqs` rows, decode page pairs for the rest."""
+        k_cache, _ = self.kv_cache[0]
+        num_kv_heads, num_blocks = k_cache.shape[:2]
+        tables, lens = np.asarray(metadata.block_tables), np.asarray(metadata.context_lens)
+        lists = {}
+        if num_prefill_seqs:
+            lists["prefill_pairs"] = build_prefill_indices(
+                tables[:num_prefill_seqs], lens[:num_prefill_seqs], np.asarray(metadata.query_start_loc),
+                num_prefill_tokens, num_blocks, num_kv_heads, self.block_size,
+                num_tiles=max_tiles(num_prefill_tokens, num_prefill_seqs))
+        if len(lens) > num_prefill_seqs:
+            lists["decode_pairs"] = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:],
+                                                         num_blocks, num_kv_heads, self.block_size)
+        if num_prefill_seqs:  # the packed prefill has no use for the static max_query_len: one compile less
+            lists["max_query_len"] = None
+        return dataclasses.replace(metadata, **{k: v if v is None else tuple(jnp.asarray(a) for a in v)
+                                                for k, v in lists.items()})
 
 
 def _host_logprobs(logprobs, num_seqs: int) -> list[tuple[float, list[tuple[int, float]]]]:

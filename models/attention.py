@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from paged_attention import contiguous, decode_cpu, decode_kernel, kv_cache, prefill_kernel
+from paged_attention import contiguous, decode_cpu, decode_kernel, kv_cache, prefill_cpu, prefill_kernel
 
 
 def _no_cache(q, k, v, layer_cache, positions, metadata):
@@ -41,7 +41,14 @@ def _decode_cpu(q, k_cache, v_cache, block_tables, context_lens, *, pairs):
     return decode_cpu.paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, *pairs)
 
 
-def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool, cpu_decode: bool = False):
+def _prefill_cpu(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, *, max_query_len, pairs):
+    if pairs is None:  # metadata built without the tile lists: the jnp reference
+        return prefill_kernel.paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, context_lens,
+                                                                query_start_loc, max_query_len=max_query_len)
+    return prefill_cpu.paged_prefill_attention_cpu(q, k_cache, v_cache, *pairs)
+
+
+def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool, cpu: bool = False):
     """A paged cache `[kv_heads, num_blocks, block_size, head_dim]` per layer: write this step's
     K/V into their slots, then attend through the block tables. Tokens are flat: q is
     `[num_tokens, num_heads, head_dim]`. Decode-only steps use the one-query-per-sequence kernel;
@@ -56,8 +63,9 @@ def _paged(q, k, v, layer_cache, positions, metadata, *, use_kernel: bool, cpu_d
         kernel_args = {}
         decode = decode_kernel.paged_decode_attention_reference
         prefill = prefill_kernel.paged_prefill_attention_reference
-    if cpu_decode:
+    if cpu:
         decode = functools.partial(_decode_cpu, pairs=metadata.decode_pairs)
+        prefill = functools.partial(_prefill_cpu, pairs=metadata.prefill_pairs)
     if metadata.decode_only:
         out = decode(q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, **kernel_args)
     elif metadata.num_prefill_seqs is None:
@@ -78,8 +86,9 @@ BACKENDS: dict[str, Callable[..., tuple[jax.Array, Any]]] = {
     "contiguous": _contiguous,
     "paged": functools.partial(_paged, use_kernel=True),
     "paged_reference": functools.partial(_paged, use_kernel=False),
-    # XLA-on-CPU decode (paged_attention/decode_cpu.py), jnp reference prefill
-    "paged_cpu": functools.partial(_paged, use_kernel=False, cpu_decode=True),
+    # XLA-on-CPU decode and packed prefill (paged_attention/decode_cpu.py, prefill_cpu.py); without the
+    # host-built index lists in the metadata, the jnp references
+    "paged_cpu": functools.partial(_paged, use_kernel=False, cpu=True),
 }
 
 

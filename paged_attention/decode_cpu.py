@@ -37,7 +37,7 @@ _ROWS_DN = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,
 
 
 # ----------------------------------------------------------------------------------------- host side
-def _bucket(n: int, minimum: int) -> int:
+def bucket_size(n: int, minimum: int) -> int:
     """Round up to the next m * 2^k / 4 for m in {4, 6} (at most 1.5x padding, 2 sizes per octave)."""
     n = max(int(n), minimum)
     p = 1 << max(0, (n - 1).bit_length() - 1)
@@ -62,7 +62,7 @@ def build_decode_indices(block_tables, context_lens, num_blocks: int, num_kv_hea
     S = bt.shape[0]
     nfull = np.maximum((ctx - 1) // block_size, 0)
     total = int(nfull.sum())
-    nchunk = _bucket(-(-total // chunk), 1)
+    nchunk = bucket_size(-(-total // chunk), 1)
     P = nchunk * chunk
     seq = np.repeat(np.arange(S), nfull)
     j = np.arange(total) - np.repeat(np.cumsum(nfull) - nfull, nfull)
@@ -76,7 +76,7 @@ def build_decode_indices(block_tables, context_lens, num_blocks: int, num_kv_hea
 
 
 # --------------------------------------------------------------------------------------- device side
-def _rows(flat, idx):
+def gather_rows(flat, idx):
     """flat [R, W], idx i32[n] (in bounds) -> [n, W]: one row gather."""
     return lax.gather(flat, idx[:, None], _ROWS_DN, slice_sizes=(1, flat.shape[1]), mode=_PROMISE)
 
@@ -118,9 +118,9 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     def body(i, carry):
         m1, l1, o1 = carry
         r = rows[i]
-        qp = _rows(qpad, qidx[i]).reshape(C, KV, g, D).transpose(1, 0, 2, 3)  # [KV,C,g,D]
-        kg = _rows(kflat, r).reshape(KV, C, BS, D).astype(jnp.float32)
-        vg = _rows(vflat, r).reshape(KV, C, BS, D).astype(jnp.float32)
+        qp = gather_rows(qpad, qidx[i]).reshape(C, KV, g, D).transpose(1, 0, 2, 3)  # [KV,C,g,D]
+        kg = gather_rows(kflat, r).reshape(KV, C, BS, D).astype(jnp.float32)
+        vg = gather_rows(vflat, r).reshape(KV, C, BS, D).astype(jnp.float32)
         m, l, o = _block_partials(qp, kg, vg, None)
         return (lax.dynamic_update_slice(m1, m, (0, i * C, 0)),
                 lax.dynamic_update_slice(l1, l, (0, i * C, 0)),
@@ -137,8 +137,8 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     valid = jnp.arange(BS)[None, :] < (context_lens - jl * BS)[:, None]  # all False for ctx 0
     rows2 = ((jnp.arange(KV, dtype=jnp.int32) * NB)[:, None] + lblk[None, :]).reshape(-1)
     m2, l2, o2 = _block_partials(qs.transpose(1, 0, 2, 3),
-                                 _rows(kflat, rows2).reshape(KV, S, BS, D).astype(jnp.float32),
-                                 _rows(vflat, rows2).reshape(KV, S, BS, D).astype(jnp.float32), valid)
+                                 gather_rows(kflat, rows2).reshape(KV, S, BS, D).astype(jnp.float32),
+                                 gather_rows(vflat, rows2).reshape(KV, S, BS, D).astype(jnp.float32), valid)
 
     # 3) merge partials per sequence (segment S is the padding dummy, dropped).
     M = jax.ops.segment_max(m1.transpose(1, 0, 2), pseq, num_segments=S + 1, indices_are_sorted=True)[:S]

@@ -32,6 +32,9 @@ class PagedMetadata:
     # (pseq, qidx, rows) of `decode_cpu.build_decode_indices` for the decode rows, when the step runs
     # the CPU decode path (backend "paged_cpu"); None otherwise.
     decode_pairs: tuple | None = None
+    # The arrays of `prefill_cpu.build_prefill_indices` for the prefill rows, when the step runs the
+    # packed CPU prefill (backend "paged_cpu"); None otherwise.
+    prefill_pairs: tuple | None = None
 
     @classmethod
     def build(cls, block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -96,5 +99,6 @@ class PagedMetadata:
 
 
 jax.tree_util.register_dataclass(
-    PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc", "decode_pairs"],
+    PagedMetadata, data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc", "decode_pairs",
+                 "prefill_pairs"],
     meta_fields=["decode_only", "max_query_len", "num_prefill_tokens", "num_prefill_seqs"])

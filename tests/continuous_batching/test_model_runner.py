@@ -21,7 +21,7 @@ def test_buckets(runner):
 
 def test_a_full_decode_step_uses_the_decode_kernel(runner):
     runner.step([SeqStep([i], 1, [5]) for i in range(3)])  # 3 sequences x 1 token, bucket 4
-    assert runner.shapes_run == {(0, 0, 4, 4)}
+    assert runner.shapes_run == {(0, 0, 4, 4, 0, 0)}  # no CPU index lists on this backend
 
 
 def test_prompt_then_decode_matches_naive(runner, tiny_model):
@@ -32,7 +32,7 @@ def test_prompt_then_decode_matches_naive(runner, tiny_model):
     for context in (7, 8):
         got += runner.step([SeqStep(table, context, [got[-1]])]).tokens
     assert got == expected
-    assert runner.shapes_run == {(16, 1, 0, 4), (0, 0, 4, 4)}  # one prompt bucket, one decode shape
+    assert runner.shapes_run == {(16, 1, 0, 4, 0, 0), (0, 0, 4, 4, 0, 0)}  # one prompt bucket, one decode shape
 
 
 def test_copy_on_write_copies_a_block(runner, tiny_model):
@@ -57,12 +57,12 @@ def test_a_mixed_step_splits_prompts_and_decodes_and_keeps_the_callers_order(run
     first = runner.step([SeqStep([0, 1], 6, prompts[0])]).tokens  # seq 0's prompt alone
     mixed = runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, prompts[1])]).tokens
     assert (first + mixed[:1], mixed[1:]) == (expected[0], expected[1][:1])
-    assert (16, 1, 4, 4) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
+    assert (16, 1, 4, 4, 0, 0) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
 
 
 def test_every_backend_runs_split_steps_like_the_reference(tiny_model):
-    """The same mixed step through the Pallas kernels (interpreted on CPU), the XLA-CPU decode path
-    and the jnp references."""
+    """The same mixed step through the Pallas kernels (interpreted on CPU), the XLA-CPU decode path,
+    the packed CPU prefill and the jnp references."""
     tokens = {}
     for backend in ("paged", "paged_cpu", "paged_reference"):
         runner = PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
