@@ -21,25 +21,41 @@ from models.config import PRESETS
 from models.llama import init_params
 
 
-def time_decode_step(model: models.Model, batch: int, backend: str, block_size: int = 16, repeats: int = 3):
-    """(ms per step, mean context, compile + first step s) for `batch` sequences decoding together."""
-    rng = np.random.default_rng(batch)
-    ctx = np.minimum(rng.gamma(1.2, 190 / 1.2, batch).astype(int) + 1, 1200)
-    pages = -(-ctx // block_size)
+def random_model() -> models.Model:
+    """Seeded random SmolLM2-135M weights: step speed does not depend on their values."""
+    config = PRESETS["smollm2-135m"]
+    return models.Model(config, init_params(config, 0, jnp.float32, 0.02))
+
+
+def scattered_runner(model: models.Model, context_lens, rng, backend: str, block_size: int = 16):
+    """A runner whose pool holds exactly these sequences' pages, scattered at random; returns
+    (runner, each sequence's block table)."""
+    pages = -(-np.asarray(context_lens) // block_size)
     perm = rng.permutation(int(pages.sum()) + 8)
-    runner = PagedModelRunner(model, num_blocks=len(perm), block_size=block_size, max_num_seqs=max(256, batch),
-                              max_blocks_per_seq=80, backend=backend)
-    seqs, offset = [], 0
-    for c, n in zip(ctx, pages):
-        seqs.append(SeqStep(perm[offset:offset + n].tolist(), int(c), [5]))
-        offset += n
+    runner = PagedModelRunner(model, num_blocks=len(perm), block_size=block_size,
+                              max_num_seqs=max(256, len(pages)), max_blocks_per_seq=80, backend=backend)
+    offsets = np.concatenate([[0], np.cumsum(pages)])
+    return runner, [perm[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def time_steps(runner: PagedModelRunner, seqs: list[SeqStep], repeats: int) -> tuple[float, float]:
+    """(ms per step over `repeats` steps, compile + first step s)."""
     start = time.perf_counter()
     runner.step(seqs)
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(repeats):
         runner.step(seqs)
-    return (time.perf_counter() - start) / repeats * 1e3, float(ctx.mean()), first
+    return (time.perf_counter() - start) / repeats * 1e3, first
+
+
+def time_decode_step(model: models.Model, batch: int, backend: str, block_size: int = 16, repeats: int = 3):
+    """(ms per step, mean context, compile + first step s) for `batch` sequences decoding together."""
+    rng = np.random.default_rng(batch)
+    ctx = np.minimum(rng.gamma(1.2, 190 / 1.2, batch).astype(int) + 1, 1200)
+    runner, tables = scattered_runner(model, ctx, rng, backend, block_size)
+    ms, first = time_steps(runner, [SeqStep(t, int(c), [5]) for t, c in zip(tables, ctx)], repeats)
+    return ms, float(ctx.mean()), first
 
 
 def main() -> None:
@@ -48,8 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 200, 256])
     args = parser.parse_args()
     keep_freed_memory()
-    config = PRESETS["smollm2-135m"]
-    model = models.Model(config, init_params(config, 0, jnp.float32, 0.02))
+    model = random_model()
     print(f"| batch | mean context | ms / step | tok/s | compile + first step s |  ({args.backend})")
     print("|---|---|---|---|---|")
     for batch in args.batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import models
@@ -70,3 +71,23 @@ def test_every_backend_runs_split_steps_like_the_reference(tiny_model):
         first = runner.step([SeqStep([0, 1], 6, [5, 9, 14, 3, 7, 8])]).tokens
         tokens[backend] = first + runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, [11, 12, 13])]).tokens
     assert tokens["paged"] == tokens["paged_cpu"] == tokens["paged_reference"]
+
+
+def test_packed_cpu_prefill_spans_several_tiles_and_key_chunks(tiny_model):
+    """Prompts long enough for several 32-token query tiles and 32-key chunks (8 pages of 4), a later
+    chunk over an earlier context, next to a decode: the `paged_cpu` runner samples what the jnp
+    reference does, and builds its tile lists."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 263, n).tolist() for n in (75, 40)]
+    tokens = {}
+    for backend in ("paged_cpu", "paged_reference"):
+        runner = PagedModelRunner(tiny_model, num_blocks=64, block_size=4, max_num_seqs=3, max_blocks_per_seq=32,
+                                  backend=backend)
+        tables = [list(range(0, 24)), list(range(24, 40))]
+        first = runner.step([SeqStep(tables[0], 75, prompts[0]), SeqStep(tables[1], 20, prompts[1][:20])]).tokens
+        second = runner.step([SeqStep(tables[0], 76, first[:1]), SeqStep(tables[1], 40, prompts[1][20:])]).tokens
+        tokens[backend] = first[:1] + second
+        assert all(len(shape) == 6 for shape in runner.shapes_run)
+    assert tokens["paged_cpu"] == tokens["paged_reference"]
+    expected = models.generate(tiny_model, prompts, max_new_tokens=2, ignore_eos=True)
+    assert tokens["paged_cpu"] == [expected[0][0], expected[0][1], expected[1][0]]
