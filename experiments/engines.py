@@ -12,6 +12,7 @@ import dataclasses
 import time
 from typing import Callable, Protocol
 
+import jax
 import jax.numpy as jnp
 
 import models
@@ -138,6 +139,16 @@ class StaticEngine:
 
 def kv_bytes_per_token(model: models.Model) -> int:
     return model.config.kv_bytes_per_token(jnp.dtype(model.params["embed"].dtype).itemsize)
+
+
+def drop_compiled_programs() -> None:
+    """Free every program jax has compiled so far; the harness calls it before each run's warm-up.
+    XLA CPU maps each compiled program's code into its own memory mappings, and a run of several
+    policies compiles hundreds of 30-layer step shapes: the process then passes the kernel's
+    65,530-mapping limit (vm.max_map_count) and LLVM fails with "Cannot allocate memory" (measured:
+    ~18,000 mappings for the chunked-prefill warm-up of throughput_vs_rate.yaml alone). Each run's
+    warm-up compiles its own shapes again, untimed."""
+    jax.clear_caches()
 
 
 def make_engine(model: models.Model, run_config, requests: list[Request]) -> Engine:

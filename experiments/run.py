@@ -16,7 +16,7 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from experiments.engines import OptionalEngineMissing, make_engine  # noqa: E402
+from experiments.engines import OptionalEngineMissing, drop_compiled_programs, make_engine  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
@@ -34,6 +34,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
     runs, outputs = [], {}
     for run_config in config.runs:
         try:
+            drop_compiled_programs()
             engine = make_engine(model, run_config, requests)
         except OptionalEngineMissing as err:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)

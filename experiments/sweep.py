@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from experiments.engines import make_engine  # noqa: E402
+from experiments.engines import drop_compiled_programs, make_engine  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import save_figure  # noqa: E402
 from experiments.workloads import Request, arrival_times  # noqa: E402
@@ -36,6 +36,8 @@ def run_sweep(model, config, requests: list[Request]) -> list[dict]:
     for run_config in config.runs:
         for i, rate in enumerate(config.request_rates):
             timed = with_rate(requests, rate, config.workload.seed)
+            if i == 0:
+                drop_compiled_programs()
             engine = make_engine(model, run_config, timed)
             if i == 0:
                 engine.warmup()
