@@ -164,7 +164,6 @@ class PagedModelRunner:
         host_lp = None if logprobs is None else _host_logprobs(logprobs, num_rows)
         return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
 
-
     def _with_cpu_index_lists(self, metadata: PagedMetadata, num_prefill_tokens: int,
                               num_prefill_seqs: int) -> PagedMetadata:
         """Add the host-built index lists of the XLA-CPU paths: prefill tiles for the first
@@ -172,19 +171,19 @@ class PagedModelRunner:
         k_cache, _ = self.kv_cache[0]
         num_kv_heads, num_blocks = k_cache.shape[:2]
         tables, lens = np.asarray(metadata.block_tables), np.asarray(metadata.context_lens)
-        lists = {}
+        changes = {}
         if num_prefill_seqs:
-            lists["prefill_pairs"] = build_prefill_indices(
+            pairs = build_prefill_indices(
                 tables[:num_prefill_seqs], lens[:num_prefill_seqs], np.asarray(metadata.query_start_loc),
                 num_prefill_tokens, num_blocks, num_kv_heads, self.block_size,
                 num_tiles=max_tiles(num_prefill_tokens, num_prefill_seqs))
+            changes["prefill_pairs"] = tuple(jnp.asarray(a) for a in pairs)
+            changes["max_query_len"] = None  # static, and the packed prefill has no use for it: fewer compiles
         if len(lens) > num_prefill_seqs:
-            lists["decode_pairs"] = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:],
-                                                         num_blocks, num_kv_heads, self.block_size)
-        if num_prefill_seqs:  # the packed prefill has no use for the static max_query_len: one compile less
-            lists["max_query_len"] = None
-        return dataclasses.replace(metadata, **{k: v if v is None else tuple(jnp.asarray(a) for a in v)
-                                                for k, v in lists.items()})
+            pairs = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:], num_blocks,
+                                         num_kv_heads, self.block_size)
+            changes["decode_pairs"] = tuple(jnp.asarray(a) for a in pairs)
+        return dataclasses.replace(metadata, **changes)
 
 
 def _host_logprobs(logprobs, num_seqs: int) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -33,8 +33,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         return _run_rate_sweep(model, config, requests, out_dir)
     runs, outputs = [], {}
     for run_config in config.runs:
+        drop_compiled_programs()
         try:
-            drop_compiled_programs()
             engine = make_engine(model, run_config, requests)
         except OptionalEngineMissing as err:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)

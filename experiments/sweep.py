@@ -36,10 +36,9 @@ def run_sweep(model, config, requests: list[Request]) -> list[dict]:
     for run_config in config.runs:
         for i, rate in enumerate(config.request_rates):
             timed = with_rate(requests, rate, config.workload.seed)
-            if i == 0:
-                drop_compiled_programs()
             engine = make_engine(model, run_config, timed)
-            if i == 0:
+            if i == 0:  # one warm-up per policy, after freeing the previous policies' programs
+                drop_compiled_programs()
                 engine.warmup()
             name = f"{run_config.name}@{rate:g}"
             with tqdm(total=len(timed), desc=name, unit="req", file=sys.stderr) as bar:

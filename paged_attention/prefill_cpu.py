@@ -66,7 +66,7 @@ def build_prefill_indices(block_tables, context_lens, query_start_loc, num_token
       pair_rows   i32[P // chunk, chunk * num_kv_heads * kv_pages]: the flat cache rows
                   kv * num_blocks + block of the pair's pages, ordered (pair, kv, page);
       pair_key0   i32[P]: position of the pair's first key (padding: a huge value, all masked);
-      num_chunks  i32[]: the loop chunks that hold real pairs (the rest is padding, skipped).
+      used_chunks i32[]: the loop chunks that hold real pairs (the rest is padding, skipped).
     P is chunk x a power of two (at least min_chunks), so few shapes compile.
     """
     bt = np.asarray(block_tables)
