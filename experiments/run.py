@@ -76,13 +76,14 @@ def _save_partial(out_dir: Path, config: ExperimentConfig, runs: list[dict]) -> 
 def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) -> dict:
     from experiments.sweep import plot_sweep, run_sweep, sustained_rates, sweep_table
 
-    runs = run_sweep(model, config, requests)
+    runs = run_sweep(model, config, requests, lambda runs: _save_partial(out_dir, config, runs))
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
               "runs": runs, "sustained_rate": sustained_rates(config, runs), "claims": evaluate_claims(config, runs)}
     paths = write_results(out_dir, result)
     paths.append(plot_sweep(out_dir / "latency_vs_rate.png", config, runs,
                             f"{config.experiment} - {config.model} - {config.workload.kind}"))
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(markdown_table(runs) + "\n\n" + sweep_table(config, runs))
     if result["claims"]:
         print("\n" + claims_table(result["claims"]))
