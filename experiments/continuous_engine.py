@@ -3,13 +3,14 @@ arrive (real-time Poisson replay), one engine step at a time, under the run's sc
 
 Timing follows the other engines: an untimed warm-up replays the whole workload at once (compiling
 the step shapes it needs), then the timed replay records each request's first-token and finish
-times. Compilations that still happen during the timed run are counted and reported.
+times. Shapes the warm-up never met (Poisson arrivals make many) still compile during the timed
+replay; its clock stops meanwhile (`experiments.compile_clock`), and the run reports how many
+compiles and seconds it left out.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +19,7 @@ import models
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
+from experiments.compile_clock import CompileClock
 from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 
@@ -61,46 +63,45 @@ class ContinuousServeEngine:
         used_peak = blocks_peak = num_steps = 0
         util_sum = prefill_s = decode_s = 0.0
         decode_tokens = 0  # tokens sampled by steps that computed no prompt (pure decode steps)
-        start = time.perf_counter()
-        while pending or engine.has_unfinished():
-            now = time.perf_counter() - start
-            if not engine.has_unfinished() and pending[0].arrival_s > now:
-                time.sleep(pending[0].arrival_s - now)
-                now = time.perf_counter() - start
-            while pending and pending[0].arrival_s <= now:
-                r = pending.pop(0)
-                params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-                by_engine_id[engine.add_request(list(r.prompt), params)] = r
-            step_start = time.perf_counter()
-            outputs = engine.step()
-            t = time.perf_counter() - start
-            step_s = time.perf_counter() - step_start
-            if engine.last_step_prefilled:
-                prefill_s += step_s
-            else:
-                decode_s += step_s
-                decode_tokens += len(engine.last_plan.seqs)
-            manager = engine.manager
-            used_peak = max(used_peak, manager.num_real_tokens)
-            blocks_peak = max(blocks_peak, manager.num_used_blocks)
-            util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
-            num_steps += 1
-            for out in outputs:
-                r = by_engine_id[out.request_id]
-                first_token.setdefault(r.request_id, t)
-                if r.request_id in last_token:
-                    gaps.append(t - last_token[r.request_id])
-                last_token[r.request_id] = t
-                if out.finished:
-                    self.outputs[r.request_id] = out.outputs[0].token_ids
-                    records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
-                                                 first_token[r.request_id], t))
-                    progress(1)
-        wall = time.perf_counter() - start
+        with CompileClock() as clock:
+            while pending or engine.has_unfinished():
+                if not engine.has_unfinished():
+                    clock.sleep_until(pending[0].arrival_s)
+                now = clock.now()
+                while pending and pending[0].arrival_s <= now:
+                    r = pending.pop(0)
+                    params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+                    by_engine_id[engine.add_request(list(r.prompt), params)] = r
+                step_start = clock.now()
+                outputs = engine.step()
+                t = clock.now()
+                step_s = t - step_start
+                if engine.last_step_prefilled:
+                    prefill_s += step_s
+                else:
+                    decode_s += step_s
+                    decode_tokens += len(engine.last_plan.seqs)
+                manager = engine.manager
+                used_peak = max(used_peak, manager.num_real_tokens)
+                blocks_peak = max(blocks_peak, manager.num_used_blocks)
+                util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
+                num_steps += 1
+                for out in outputs:
+                    r = by_engine_id[out.request_id]
+                    first_token.setdefault(r.request_id, t)
+                    if r.request_id in last_token:
+                        gaps.append(t - last_token[r.request_id])
+                    last_token[r.request_id] = t
+                    if out.finished:
+                        self.outputs[r.request_id] = out.outputs[0].token_ids
+                        records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
+                                                     first_token[r.request_id], t))
+                        progress(1)
+            wall = clock.now()
         generated = sum(r.output_len for r in requests)
         return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
                         util_sum / max(1, num_steps), generated, prefill_s,
-                        num_compilations=engine.num_compilations - compiled_before,
+                        num_compilations=engine.num_compilations - compiled_before, compile_s_excluded=clock.compile_s,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
                                        "prefill_steps": engine.stats["prefill_steps"],

@@ -51,6 +51,7 @@ class RunTrace:
     generated_tokens: int
     prefill_s: float = 0.0  # time from a batch's start to its first tokens, summed over batches
     num_compilations: int | None = None  # None where the engine does not compile (HF/torch)
+    compile_s_excluded: float | None = None  # compile time the run's clock left out (experiments.compile_clock)
     warmup_s: float = 0.0
     simulated: bool = False  # times are model iterations, not seconds (memory simulations)
     extra_metrics: dict = dataclasses.field(default_factory=dict)

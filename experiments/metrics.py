@@ -35,6 +35,7 @@ def summarize(trace: RunTrace) -> dict[str, float | int | None]:
         "wall_s": trace.wall_s,
         "warmup_s": trace.warmup_s,
         "num_compilations": trace.num_compilations,
+        "compile_s_excluded": trace.compile_s_excluded,
         **trace.extra_metrics,
     }
 

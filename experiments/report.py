@@ -33,6 +33,7 @@ TABLE_COLUMNS = [
     ("inter_token_latency_p95_s", "ITL p95 s", "{:.3f}"),  # continuous engine only
     ("num_preemptions", "preempted", "{:d}"),  # continuous engine only
     ("num_compilations", "compiles", "{:d}"),
+    ("compile_s_excluded", "compile s (clock stopped)", "{:.1f}"),  # continuous engine only
 ]
 # memory simulations (no clock): what the KV budget holds and how many requests it batches
 SIMULATION_COLUMNS = [

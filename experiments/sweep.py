@@ -2,12 +2,12 @@
 under every configured run; normalized latency (mean of latency / output tokens) per policy and
 rate, and the highest rate each run sustains below `latency_bound_s_per_token`.
 
-Runs are named `<run>@<rate>`. Each run's untimed warm-up (all requests at once) happens once, at
-its first rate; then, before each timed replay, an untimed *rehearsal* replays the very same arrivals
-in real time (again, up to MAX_REHEARSALS times, while a replay still compiles). Poisson arrivals mix prompts and decodes into step shapes that an all-at-once warm-up
-never meets, and one 30-layer compile costs seconds on the real model: without the rehearsal the
-first real-model sweep compiled 1-8 programs inside each timed run and its latency fell as the rate
-rose. Every run still reports the compilations its timed replay triggered (`num_compilations`).
+Runs are named `<run>@<rate>`; each run's untimed warm-up (all requests at once) happens once, at
+its first rate (the jit cache is shared in-process, so later rates reuse its programs). Poisson
+arrivals still meet step shapes that warm-up never compiled; the continuous engine's clock stops
+while jax compiles them (`experiments/compile_clock.py`), and each run reports how many compiles
+and seconds were left out. (Untimed rehearsals of each rate's own arrivals, tried first, did not
+converge: three of them still left up to 5 compiles in a real-model timed replay.)
 """
 
 from __future__ import annotations
@@ -30,23 +30,11 @@ from experiments.report import save_figure  # noqa: E402
 from experiments.workloads import Request, arrival_times  # noqa: E402
 import numpy as np  # noqa: E402
 
-MAX_REHEARSALS = 3
-
 
 def with_rate(requests: list[Request], rate: float, seed: int) -> list[Request]:
     """The same requests with Poisson arrivals at `rate` requests/s."""
     times = arrival_times(len(requests), rate, np.random.default_rng(seed))
     return [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, times)]
-
-
-def rehearse(engine, timed: list[Request], name: str) -> None:
-    """Replay `timed` untimed until a replay compiles nothing (at most MAX_REHEARSALS times): a
-    replay slowed by its own compiles batches the arrivals a little differently from the next."""
-    for i in range(MAX_REHEARSALS):
-        with tqdm(total=len(timed), desc=f"{name} rehearsal {i + 1}", unit="req", file=sys.stderr,
-                  leave=False) as bar:
-            if not engine.serve(timed, bar.update).num_compilations:
-                return
 
 
 def run_sweep(model, config, requests: list[Request],
@@ -59,11 +47,9 @@ def run_sweep(model, config, requests: list[Request],
             engine = make_engine(model, run_config, timed)
             name = f"{run_config.name}@{rate:g}"
             start = time.perf_counter()
-            if config.warmup:
-                if i == 0:  # one warm-up per policy, after freeing the previous policies' programs
-                    drop_compiled_programs()
-                    engine.warmup()
-                rehearse(engine, timed, name)
+            if config.warmup and i == 0:  # one warm-up per policy, after freeing earlier policies' programs
+                drop_compiled_programs()
+                engine.warmup()
             warmup_s = time.perf_counter() - start
             with tqdm(total=len(timed), desc=name, unit="req", file=sys.stderr) as bar:
                 trace = engine.serve(timed, bar.update)

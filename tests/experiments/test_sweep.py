@@ -1,15 +1,21 @@
-"""The request-rate sweep: warm-up once per run, an untimed rehearsal of each rate's own arrivals
-before its timed replay, partial results after each (run, rate)."""
+"""The request-rate sweep (warm-up once per run, one timed replay per rate, partial results after
+each) and the clock that stops while jax compiles."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import experiments.run as run_module
+import models
+from experiments.compile_clock import CompileClock
 from experiments.config import parse_config
-from experiments.sweep import MAX_REHEARSALS, rehearse
+from experiments.engines import drop_compiled_programs, make_engine
+from experiments.workloads import Request
 
 SWEEP = {"experiment": "sweep", "model": "tiny", "request_rates": [30, 300],
          "workload": {"kind": "alpaca", "num_requests": 8, "max_prompt_len": 40, "max_output_len": 5},
@@ -33,57 +39,73 @@ class RecordingEngine:
         return self.engine.serve(requests, progress)
 
 
-def test_each_timed_replay_follows_a_rehearsal_of_the_same_arrivals(tmp_path, monkeypatch):
-    real_make_engine, calls = run_module.make_engine, []
+def test_one_warm_up_per_run_then_one_replay_per_rate(tmp_path, monkeypatch):
+    calls = []
 
-    def make_engine(model, run_config, requests):
-        return RecordingEngine(real_make_engine(model, run_config, requests), run_config.name, calls)
+    def recording_engine(model, run_config, requests):
+        return RecordingEngine(make_engine(model, run_config, requests), run_config.name, calls)
 
-    monkeypatch.setattr("experiments.sweep.make_engine", make_engine)
+    monkeypatch.setattr("experiments.sweep.make_engine", recording_engine)
     result = run_module.run_experiment(parse_config(SWEEP), tmp_path)
-    for name in ("continuous", "chunked"):
-        mine = [(kind, arrivals) for n, kind, arrivals in calls if n == name]
-        assert mine[0] == ("warmup", None) and all(kind == "serve" for kind, _ in mine[1:])
-        timed = {r["config"]["request_rate"]: r for r in result["runs"] if r["config"]["name"] == name}
-        # each rate: >= 1 rehearsal, then the timed replay, all of the same arrivals
-        served = [arrivals for _, arrivals in mine[1:]]
-        assert len(set(served)) == 2 and served.count(served[0]) >= 2 and served.count(served[-1]) >= 2
-        assert served == sorted(served, key=served.index)  # every replay of rate 30, then of rate 300
-        assert max(served[-1]) < max(served[0]) and set(timed) == {30, 300}
+    assert [(name, kind) for name, kind, _ in calls] == [
+        (name, kind) for name in ("continuous", "chunked") for kind in ("warmup", "serve", "serve")]
+    served = [arrivals for _, kind, arrivals in calls if kind == "serve"]
+    assert served[0] == served[2] and served[1] == served[3]  # both runs replay the same arrivals
+    assert max(served[1]) < max(served[0])  # 300 req/s arrive sooner than 30 req/s
+    assert [r["name"] for r in result["runs"]] == ["continuous@30", "continuous@300", "chunked@30", "chunked@300"]
+    for run in result["runs"]:
+        m = run["metrics"]
+        assert m["compile_s_excluded"] >= 0 and (m["compile_s_excluded"] > 0) == (m["num_compilations"] > 0)
     assert not (tmp_path / "results.partial.json").exists()
 
 
-class CompilingEngine:
-    """Fake engine whose replays compile `compiles[i]` programs on the i-th serve."""
-
-    def __init__(self, compiles):
-        self.compiles, self.serves = list(compiles), 0
-
-    def serve(self, requests, progress):
-        from experiments.engines import RunTrace
-
-        self.serves += 1
-        return RunTrace([], 1.0, 0, 0, 0.0, 0, num_compilations=self.compiles.pop(0))
-
-
-@pytest.mark.parametrize("compiles, serves", [([0], 1), ([3, 1, 0], 3), ([3, 2, 1, 1], MAX_REHEARSALS),
-                                              ([None], 1)])
-def test_rehearsal_repeats_while_a_replay_compiles(compiles, serves):
-    engine = CompilingEngine(compiles)
-    rehearse(engine, [], "run@1")
-    assert engine.serves == serves
-
-
 def test_finished_rates_survive_a_later_run_that_dies(tmp_path, monkeypatch):
-    real_make_engine = run_module.make_engine
-
-    def make_engine(model, run_config, requests):
+    def dying_engine(model, run_config, requests):
         if run_config.name == "chunked":
             raise MemoryError("killed")
-        return real_make_engine(model, run_config, requests)
+        return make_engine(model, run_config, requests)
 
-    monkeypatch.setattr("experiments.sweep.make_engine", make_engine)
+    monkeypatch.setattr("experiments.sweep.make_engine", dying_engine)
     with pytest.raises(MemoryError):
         run_module.run_experiment(parse_config(SWEEP), tmp_path)
     partial = json.loads((tmp_path / "results.partial.json").read_text())
     assert [r["name"] for r in partial["runs"]] == ["continuous@30", "continuous@300"]
+
+
+def _fresh_program(n: int):
+    """A jitted function jax has never compiled (a new closure each call), with `n` chained ops."""
+    def f(x):
+        for i in range(n):
+            x = jnp.sin(x) * (i + 1.0)
+        return x
+    return jax.jit(f)
+
+
+def test_compile_clock_leaves_out_compile_time_only():
+    x = jnp.ones(8)
+    with CompileClock() as clock:
+        start = time.perf_counter()
+        fn = _fresh_program(300)
+        fn(x).block_until_ready()  # traces, lowers and compiles
+        compiled_s = clock.compile_s
+        time.sleep(0.2)
+        fn(x).block_until_ready()  # cached: no compile
+        elapsed = time.perf_counter() - start
+        now = clock.now()
+    assert compiled_s > 0.05 and clock.compile_s == compiled_s
+    assert now == pytest.approx(elapsed - compiled_s, abs=0.05) and now >= 0.2
+    with CompileClock() as other:  # the first clock no longer listens
+        _fresh_program(50)(x).block_until_ready()
+    assert clock.compile_s == compiled_s and other.compile_s > 0
+
+
+def test_a_cold_continuous_run_leaves_its_compiles_out_of_its_clock():
+    model = models.load("tiny", dtype="float32")
+    requests = [Request(0, (5, 6, 7), 4, 0.0), Request(1, (8, 9), 3, 0.05)]
+    engine = make_engine(model, parse_config(SWEEP).runs[0], requests)
+    drop_compiled_programs()  # whatever ran before in this process, this run compiles its shapes
+    start = time.perf_counter()
+    trace = engine.serve(requests, lambda n: None)
+    elapsed = time.perf_counter() - start
+    assert trace.num_compilations > 0 and trace.compile_s_excluded > 0
+    assert trace.wall_s == pytest.approx(elapsed - trace.compile_s_excluded, abs=0.05)
