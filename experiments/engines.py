@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 import time
 from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 import models
 from models.static_batch import num_compilations, prompt_bucket, round_up, run_static_batch
@@ -150,6 +152,19 @@ def drop_compiled_programs() -> None:
     ~18,000 mappings for the chunked-prefill warm-up of throughput_vs_rate.yaml alone). Each run's
     warm-up compiles its own shapes again, untimed."""
     jax.clear_caches()
+
+
+def warm_up_and_serve(engine: Engine, requests: list[Request], name: str, warm_up: bool) -> RunTrace:
+    """Warm `engine` up (untimed) if asked, then serve `requests` behind a progress bar; the trace
+    records how long the warm-up took."""
+    start = time.perf_counter()
+    if warm_up:
+        engine.warmup()
+    warmup_s = time.perf_counter() - start
+    with tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr) as bar:
+        trace = engine.serve(requests, bar.update)
+    trace.warmup_s = warmup_s
+    return trace
 
 
 def make_engine(model: models.Model, run_config, requests: list[Request]) -> Engine:

@@ -11,13 +11,13 @@ F32 reads them at ~35 GB/s on these 2 cores (64.9 tok/s, `decode_batch1.yaml`).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.decode_step import random_model
+from experiments.roofline import median_seconds
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -41,12 +41,8 @@ def independent_matvecs(x, weights):
 
 
 def time_ms(fn, *args, repeats: int = 20) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats * 1e3
+    """Median ms of one call of `fn(*args)`, waited for."""
+    return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats) * 1e3
 
 
 def main() -> None:

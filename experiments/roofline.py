@@ -28,7 +28,8 @@ def matmul_flops_per_token(config) -> int:
     return 2 * (config.num_layers * per_layer + config.vocab_size * config.hidden_size)
 
 
-def _median_seconds(fn, iterations: int) -> float:
+def median_seconds(fn, iterations: int) -> float:
+    """Median wall time of `fn()` over `iterations` calls, after one untimed call (compile, caches)."""
     fn()  # compile / warm caches
     times = []
     for _ in range(iterations):
@@ -41,7 +42,7 @@ def _median_seconds(fn, iterations: int) -> float:
 def gemm_gflops_xla(size: int, iterations: int) -> float:
     a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((size, size)), jnp.float32) for i in (0, 1))
     matmul = jax.jit(jnp.matmul)
-    return 2 * size**3 / _median_seconds(lambda: matmul(a, b).block_until_ready(), iterations) / 1e9
+    return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), iterations) / 1e9
 
 
 def gemm_gflops_torch(size: int, iterations: int) -> float | None:
@@ -50,7 +51,7 @@ def gemm_gflops_torch(size: int, iterations: int) -> float | None:
     except ImportError:
         return None
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / _median_seconds(lambda: torch.matmul(a, b), iterations) / 1e9
+    return 2 * size**3 / median_seconds(lambda: torch.matmul(a, b), iterations) / 1e9
 
 
 class GemmRooflineEngine:

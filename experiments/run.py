@@ -12,11 +12,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at run time
 
-from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from experiments.engines import OptionalEngineMissing, drop_compiled_programs, make_engine  # noqa: E402
+from experiments.engines import OptionalEngineMissing, drop_compiled_programs, make_engine, warm_up_and_serve  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
@@ -39,13 +38,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
         except OptionalEngineMissing as err:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)
             continue
-        start = time.perf_counter()
-        if config.warmup:
-            engine.warmup()
-        warmup_s = time.perf_counter() - start
-        with tqdm(total=len(requests), desc=run_config.name, unit="req", file=sys.stderr) as bar:
-            trace = engine.serve(requests, bar.update)
-        trace.warmup_s = warmup_s
+        trace = warm_up_and_serve(engine, requests, run_config.name, config.warmup)
         if getattr(engine, "outputs", None):
             outputs[run_config.name] = dict(engine.outputs)
         runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})

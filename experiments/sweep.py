@@ -13,8 +13,6 @@ converge: three of them still left up to 5 compiles in a real-model timed replay
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from experiments.engines import drop_compiled_programs, make_engine  # noqa: E402
+from experiments.engines import drop_compiled_programs, make_engine, warm_up_and_serve  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import save_figure  # noqa: E402
 from experiments.workloads import Request, arrival_times  # noqa: E402
@@ -46,14 +43,10 @@ def run_sweep(model, config, requests: list[Request],
             timed = with_rate(requests, rate, config.workload.seed)
             engine = make_engine(model, run_config, timed)
             name = f"{run_config.name}@{rate:g}"
-            start = time.perf_counter()
-            if config.warmup and i == 0:  # one warm-up per policy, after freeing earlier policies' programs
+            warm_up = config.warmup and i == 0  # one warm-up per policy, after freeing earlier policies' programs
+            if warm_up:
                 drop_compiled_programs()
-                engine.warmup()
-            warmup_s = time.perf_counter() - start
-            with tqdm(total=len(timed), desc=name, unit="req", file=sys.stderr) as bar:
-                trace = engine.serve(timed, bar.update)
-            trace.warmup_s = warmup_s
+            trace = warm_up_and_serve(engine, timed, name, warm_up)
             runs.append({"name": name, "config": {**run_config.model_dump(), "request_rate": rate},
                          "metrics": summarize(trace)})
             on_run(runs)
