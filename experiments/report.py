@@ -1,13 +1,18 @@
 """Write results: markdown table (stdout), results.json / results.csv, and a PNG plot.
 
-results.json follows the schema in shared/DESIGN.md:
-    {"experiment", "model", "workload", "runs": [{"name", "config", "metrics"}], "claims": [...]}
+results.json follows the schema in docs/results.md:
+    {"experiment", "model", "workload", "runs": [{"name", "config", "metrics"}], "claims": [...],
+     "provenance": {git commit, date, command, versions, CPUs}}
+
+`python -m experiments.report docs/results/ [--check]` re-renders the tables in README.md and
+docs/*.md from the committed results files (experiments/render_docs.py).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from experiments.provenance import collect_provenance  # noqa: E402
 
 # (metric key, column header, format) shown in the stdout table
 TABLE_COLUMNS = [
@@ -132,8 +139,10 @@ def claims_table(claims: list[dict]) -> str:
 
 
 def write_results(out_dir: Path, result: dict) -> list[Path]:
-    """results.json, results.csv and throughput_latency.png under out_dir; returns the paths."""
+    """results.json, results.csv and throughput_latency.png under out_dir; returns the paths.
+    Adds `result["provenance"]` (commit, date, command, versions, CPUs) unless it is already set."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    result.setdefault("provenance", collect_provenance())
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(result, indent=2))
     csv_path = out_dir / "results.csv"
@@ -248,3 +257,14 @@ def plot_decode(path: Path, result: dict) -> Path:
     ax.tick_params(axis="x", rotation=20)
     ax.set_title(f"{result['experiment']} - {result['model']}")
     return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments.report docs/results/ [--check]`: see experiments/render_docs.py."""
+    from experiments.render_docs import main as render_main
+
+    return render_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
