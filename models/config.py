@@ -119,10 +119,12 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
-    def to_hf(self):
-        """The equivalent transformers `LlamaConfig` (eager attention, so logits are comparable)."""
+    def to_hf(self, attn_implementation: str | None = None):
+        """The equivalent transformers `LlamaConfig`. `attn_implementation=None` leaves transformers
+        its own default (SDPA); reference tests ask for "eager" to compare logits op by op."""
         from transformers import LlamaConfig
 
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         return LlamaConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -138,7 +140,7 @@ class ModelConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None,
-            attn_implementation="eager",
+            **extra,
         )
 
 

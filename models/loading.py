@@ -142,12 +142,13 @@ def params_from_transformers(hf_model: Any, dtype: str = "float32") -> tuple[Mod
     return config, params_from_hf_state_dict(state, config, dtype)
 
 
-def to_transformers(params: Params, config: ModelConfig):
-    """A transformers `LlamaForCausalLM` (torch, f32, eager attention) holding exactly these weights."""
+def to_transformers(params: Params, config: ModelConfig, attn_implementation: str | None = None):
+    """A transformers `LlamaForCausalLM` (torch, f32) holding exactly these weights; attention is
+    transformers' default (SDPA) unless `attn_implementation` names another ("eager", ...)."""
     import torch
     from transformers import LlamaForCausalLM
 
-    hf_model = LlamaForCausalLM(config.to_hf()).eval()
+    hf_model = LlamaForCausalLM(config.to_hf(attn_implementation)).eval()
     state = {k: torch.tensor(v) for k, v in params_to_hf_state_dict(params, config).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]

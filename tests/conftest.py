@@ -21,7 +21,7 @@ def hf_tiny():
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf_model = LlamaForCausalLM(PRESETS["tiny"].to_hf()).eval()
+    hf_model = LlamaForCausalLM(PRESETS["tiny"].to_hf("eager")).eval()
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
             if "norm" in name:  # away from all-ones so a misplaced norm weight shows
