@@ -3,24 +3,20 @@ arrive (real-time Poisson replay), one engine step at a time, under the run's sc
 
 Timing follows the other engines: an untimed warm-up replays the whole workload at once (compiling
 the step shapes it needs), then the timed replay records each request's first-token and finish
-times. Shapes the warm-up never met (Poisson arrivals make many) still compile during the timed
-replay; its clock stops meanwhile (`experiments.compile_clock`), and the run reports how many
-compiles and seconds it left out.
+times on the wall clock; compiles are counted by the harness (`experiments.compile_watch`).
 """
 
 from __future__ import annotations
 
-import sys
+import time
 
 import numpy as np
-from tqdm import tqdm
 
 import models
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
-from experiments.compile_clock import CompileClock
-from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
+from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
 
 
@@ -45,14 +41,10 @@ class ContinuousServeEngine:
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
 
     def warmup(self) -> None:
-        with tqdm(total=len(self.requests), desc=f"warm-up ({self.config.policy})", unit="req",
-                  file=sys.stderr, leave=False) as bar:
-            self.serve([Request(r.request_id, r.prompt, r.output_len, 0.0) for r in self.requests], bar.update)
-        self.outputs.clear()
+        untimed_pass(self, self.requests, self.config.policy)
 
     def serve(self, requests: list[Request], progress) -> RunTrace:
         engine = Engine(self.model, self.config)
-        compiled_before = engine.num_compilations
         per_token, block_size = kv_bytes_per_token(self.model), self.config.block_size
         pending = sorted(requests, key=lambda r: r.arrival_s)
         by_engine_id: dict[int, Request] = {}
@@ -63,45 +55,44 @@ class ContinuousServeEngine:
         used_peak = blocks_peak = num_steps = 0
         util_sum = prefill_s = decode_s = 0.0
         decode_tokens = 0  # tokens sampled by steps that computed no prompt (pure decode steps)
-        with CompileClock() as clock:
-            while pending or engine.has_unfinished():
-                if not engine.has_unfinished():
-                    clock.sleep_until(pending[0].arrival_s)
-                now = clock.now()
-                while pending and pending[0].arrival_s <= now:
-                    r = pending.pop(0)
-                    params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-                    by_engine_id[engine.add_request(list(r.prompt), params)] = r
-                step_start = clock.now()
-                outputs = engine.step()
-                t = clock.now()
-                step_s = t - step_start
-                if engine.last_step_prefilled:
-                    prefill_s += step_s
-                else:
-                    decode_s += step_s
-                    decode_tokens += len(engine.last_plan.seqs)
-                manager = engine.manager
-                used_peak = max(used_peak, manager.num_real_tokens)
-                blocks_peak = max(blocks_peak, manager.num_used_blocks)
-                util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
-                num_steps += 1
-                for out in outputs:
-                    r = by_engine_id[out.request_id]
-                    first_token.setdefault(r.request_id, t)
-                    if r.request_id in last_token:
-                        gaps.append(t - last_token[r.request_id])
-                    last_token[r.request_id] = t
-                    if out.finished:
-                        self.outputs[r.request_id] = out.outputs[0].token_ids
-                        records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
-                                                     first_token[r.request_id], t))
-                        progress(1)
-            wall = clock.now()
+        start = time.perf_counter()
+        while pending or engine.has_unfinished():
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, pending[0].arrival_s - (time.perf_counter() - start)))
+            now = time.perf_counter() - start
+            while pending and pending[0].arrival_s <= now:
+                r = pending.pop(0)
+                params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+                by_engine_id[engine.add_request(list(r.prompt), params)] = r
+            step_start = time.perf_counter() - start
+            outputs = engine.step()
+            t = time.perf_counter() - start
+            step_s = t - step_start
+            if engine.last_step_prefilled:
+                prefill_s += step_s
+            else:
+                decode_s += step_s
+                decode_tokens += len(engine.last_plan.seqs)
+            manager = engine.manager
+            used_peak = max(used_peak, manager.num_real_tokens)
+            blocks_peak = max(blocks_peak, manager.num_used_blocks)
+            util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
+            num_steps += 1
+            for out in outputs:
+                r = by_engine_id[out.request_id]
+                first_token.setdefault(r.request_id, t)
+                if r.request_id in last_token:
+                    gaps.append(t - last_token[r.request_id])
+                last_token[r.request_id] = t
+                if out.finished:
+                    self.outputs[r.request_id] = out.outputs[0].token_ids
+                    records.append(RequestRecord(r.request_id, len(r.prompt), r.output_len, r.arrival_s,
+                                                 first_token[r.request_id], t))
+                    progress(1)
+        wall = time.perf_counter() - start
         generated = sum(r.output_len for r in requests)
         return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
                         util_sum / max(1, num_steps), generated, prefill_s,
-                        num_compilations=engine.num_compilations - compiled_before, compile_s_excluded=clock.compile_s,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
                                        "prefill_steps": engine.stats["prefill_steps"],

@@ -1,14 +1,20 @@
 """Engines the harness can run, behind one small interface, and the serving loop they share.
 
-An engine is built from `(model, run_config, requests)` and offers `warmup()` (compile every shape
-the run will need, untimed) and `serve(requests, progress) -> RunTrace` (replay the arrivals in real
-time and record when each request got its first token and finished).
+An engine is built from `(model, run_config, requests)` and offers `warmup()` (untimed preparation)
+and `serve(requests, progress) -> RunTrace` (replay the arrivals in real time and record when each
+request got its first token and finished).
+
+The warm-up rule is the same for every engine that serves requests (ours, HF, llama.cpp): one
+untimed pass over the same workload, all requests at once (`untimed_pass`). Building the engine plus
+that pass is its startup, reported as `startup_s` beside the programs it compiled; the timed run
+that follows must compile nothing (`warm_up_and_serve` fails the run otherwise).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import sys
 import time
 from typing import Callable, Protocol
@@ -18,8 +24,9 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import models
-from models.static_batch import num_compilations, prompt_bucket, round_up, run_static_batch
+from models.static_batch import run_static_batch
 from models.sampling import SamplingConfig
+from experiments.compile_watch import CompiledWhileTimed, CompileWatch
 from experiments.workloads import Request
 
 
@@ -52,9 +59,11 @@ class RunTrace:
     kv_utilization: float  # per-step share of reserved KV bytes holding real tokens, time-weighted
     generated_tokens: int
     prefill_s: float = 0.0  # time from a batch's start to its first tokens, summed over batches
-    num_compilations: int | None = None  # None where the engine does not compile (HF/torch)
-    compile_s_excluded: float | None = None  # compile time the run's clock left out (experiments.compile_clock)
+    num_compilations: int = 0  # jax programs compiled during the timed run (must be 0)
+    startup_s: float = 0.0  # building the engine + its untimed warm-up pass
     warmup_s: float = 0.0
+    startup_compilations: int = 0  # jax programs compiled (or loaded from the persistent cache) at startup
+    startup_compile_s: float = 0.0  # seconds of startup spent tracing, lowering and compiling
     simulated: bool = False  # times are model iterations, not seconds (memory simulations)
     extra_metrics: dict = dataclasses.field(default_factory=dict)
 
@@ -103,29 +112,45 @@ def serve_static_batches(requests: list[Request], batch_size: int,
                     generated, prefill_s)
 
 
+def host_cores() -> int:
+    """CPU cores this process may run on: XLA's CPU thread pool uses them all, and so must torch."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def at_once(requests: list[Request]) -> list[Request]:
+    """The same requests, all arriving at t=0."""
+    return [dataclasses.replace(r, arrival_s=0.0) for r in requests]
+
+
+def untimed_pass(engine, requests: list[Request], desc: str) -> None:
+    """The warm-up every serving engine gets: serve the workload once, all at once, untimed, and
+    forget its outputs. It compiles (or, for torch, warms the allocator for) every shape the
+    workload reaches."""
+    with tqdm(total=len(requests), desc=f"warm-up {desc}", unit="req", file=sys.stderr, leave=False) as bar:
+        engine.serve(at_once(requests), bar.update)
+    if getattr(engine, "outputs", None) is not None:
+        engine.outputs.clear()
+
+
 class StaticEngine:
-    """Our naive engine: static batches on a fixed `[batch_size, max_len]` contiguous cache."""
+    """Our naive engine: FasterTransformer-style static batches on a contiguous KV cache sized per
+    batch (`[batch_size, its longest prompt (bucketed) + its largest output]`, as FT sizes its cache
+    per call)."""
 
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
-        self.model, self.batch_size = model, run_config.batch_size
-        self.prompt_buckets = sorted({prompt_bucket(len(r.prompt)) for r in requests})
-        self.max_len = round_up(self.prompt_buckets[-1] + max(r.output_len for r in requests), 64)
+        self.model, self.batch_size, self.requests = model, run_config.batch_size, requests
         self.greedy = SamplingConfig()
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
 
     def _run(self, prompts, output_lens, row_ids):
         return run_static_batch(self.model.params, self.model.config, prompts, output_lens,
                                 [self.greedy] * len(prompts), row_ids=row_ids, ignore_eos=True,
-                                batch_size=self.batch_size, max_len=self.max_len)
+                                batch_size=self.batch_size)
 
     def warmup(self) -> None:
-        """Compile the prefill for every prompt bucket in the workload, and the decode step."""
-        for bucket in self.prompt_buckets:
-            self._run([[0] * bucket], [2], [0])
+        untimed_pass(self, self.requests, f"static b{self.batch_size}")
 
     def serve(self, requests, progress):
-        compiled_before = num_compilations()
-
         def run_batch(batch: list[Request]) -> BatchOutcome:
             result = self._run([list(r.prompt) for r in batch], [r.output_len for r in batch],
                                [r.request_id for r in batch])
@@ -135,9 +160,7 @@ class StaticEngine:
                                 result.kv_bytes_used, result.kv_bytes_used_mean / result.kv_bytes_allocated,
                                 generated)
 
-        trace = serve_static_batches(requests, self.batch_size, run_batch, progress)
-        trace.num_compilations = num_compilations() - compiled_before
-        return trace
+        return serve_static_batches(requests, self.batch_size, run_batch, progress)
 
 
 def kv_bytes_per_token(model: models.Model) -> int:
@@ -154,17 +177,38 @@ def drop_compiled_programs() -> None:
     jax.clear_caches()
 
 
-def warm_up_and_serve(engine: Engine, requests: list[Request], name: str, warm_up: bool) -> RunTrace:
-    """Warm `engine` up (untimed) if asked, then serve `requests` behind a progress bar; the trace
-    records how long the warm-up took."""
+def warm_up_and_serve(engine: Engine, requests: list[Request], name: str, warm_up: bool, *,
+                      build_s: float = 0.0, build_watch: CompileWatch | None = None,
+                      allow_timed_compiles: bool = False) -> RunTrace:
+    """Warm `engine` up (untimed) if asked, then serve `requests` behind a progress bar. The trace
+    records the startup (`build_s`, the seconds it took to build the engine, plus the warm-up) and
+    the programs compiled in each part; a timed run that compiles raises `CompiledWhileTimed`
+    unless `allow_timed_compiles` (then its compile seconds stay in its clock, and are reported)."""
     start = time.perf_counter()
-    if warm_up:
-        engine.warmup()
+    with CompileWatch() as startup:
+        if warm_up:
+            engine.warmup()
     warmup_s = time.perf_counter() - start
-    with tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr) as bar:
+    with CompileWatch() as timed, tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr) as bar:
         trace = engine.serve(requests, bar.update)
-    trace.warmup_s = warmup_s
+    if timed.programs and not allow_timed_compiles:
+        raise CompiledWhileTimed(
+            f"run {name!r} compiled {timed.programs} program(s) ({timed.seconds:.1f} s) inside its timed "
+            "part: its startup did not prepare every step shape the run met")
+    built = build_watch or CompileWatch()
+    trace.warmup_s, trace.startup_s = warmup_s, build_s + warmup_s
+    trace.startup_compilations = built.programs + startup.programs
+    trace.startup_compile_s = built.seconds + startup.seconds
+    trace.num_compilations = timed.programs
     return trace
+
+
+def build_engine(model: models.Model, run_config, requests: list[Request]) -> tuple[Engine, float, CompileWatch]:
+    """`make_engine`, timed and watched for compiles (both part of the run's startup)."""
+    start = time.perf_counter()
+    with CompileWatch() as watch:
+        engine = make_engine(model, run_config, requests)
+    return engine, time.perf_counter() - start, watch
 
 
 def make_engine(model: models.Model, run_config, requests: list[Request]) -> Engine:
@@ -174,7 +218,7 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
     if run_config.engine == "hf":
         from experiments.baselines.hf_generate import HFGenerateEngine
 
-        return HFGenerateEngine(model, run_config)
+        return HFGenerateEngine(model, run_config, requests)
     if run_config.engine == "paged":
         from experiments.paged_engine import PagedStaticEngine
 

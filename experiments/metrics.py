@@ -33,9 +33,11 @@ def summarize(trace: RunTrace) -> dict[str, float | int | None]:
         "wasted_token_fraction": 1.0 - useful / max(1, trace.generated_tokens),
         "prefill_time_fraction": trace.prefill_s / trace.wall_s,
         "wall_s": trace.wall_s,
+        "startup_s": trace.startup_s,
         "warmup_s": trace.warmup_s,
+        "startup_compilations": trace.startup_compilations,
+        "startup_compile_s": trace.startup_compile_s,
         "num_compilations": trace.num_compilations,
-        "compile_s_excluded": trace.compile_s_excluded,
         **trace.extra_metrics,
     }
 

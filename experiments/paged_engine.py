@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
+from continuous_batching.model_runner import PagedModelRunner, SeqStep
 from paged_attention.block_manager import BlockManager
-from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches
+from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches, untimed_pass
 from experiments.workloads import Request
 
 
@@ -38,16 +38,14 @@ class PagedStaticEngine:
         """One untimed pass over the whole workload compiles every shape its batches need (prompt
         passes vary in token count and longest prompt); then a fresh block manager, so the timed
         run starts with an empty prefix cache."""
-        self.serve(self.requests, lambda n: None)
+        untimed_pass(self, self.requests, f"paged b{self.batch_size}")
         self.manager = BlockManager(self.manager.gpu.num_blocks, self.block_size,
                                     enable_prefix_caching=self.manager.enable_prefix_caching)
         self.prompt_tokens = self.cached_tokens = 0
         self.outputs.clear()
 
     def serve(self, requests, progress):
-        compiled_before = num_compilations()
         trace = serve_static_batches(requests, self.batch_size, self._run_batch, progress)
-        trace.num_compilations = num_compilations() - compiled_before
         trace.extra_metrics = {
             "prefix_cache_hit_rate": self.manager.hit_rate,
             "cached_prompt_token_fraction": self.cached_tokens / max(1, self.prompt_tokens)}

@@ -39,8 +39,10 @@ TABLE_COLUMNS = [
     ("normalized_latency_s_per_token", "norm. latency s/tok", "{:.3f}"),
     ("inter_token_latency_p95_s", "ITL p95 s", "{:.3f}"),  # continuous engine only
     ("num_preemptions", "preempted", "{:d}"),  # continuous engine only
-    ("num_compilations", "compiles", "{:d}"),
-    ("compile_s_excluded", "compile s (clock stopped)", "{:.1f}"),  # continuous engine only
+    ("startup_s", "startup s", "{:.1f}"),
+    ("startup_compilations", "startup compiles", "{:d}"),
+    ("num_compilations", "timed compiles", "{:d}"),
+    ("same_tokens_fraction", "same tokens", "{:.0%}"),
 ]
 # memory simulations (no clock): what the KV budget holds and how many requests it batches
 SIMULATION_COLUMNS = [

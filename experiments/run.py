@@ -1,5 +1,11 @@
 """`python -m experiments.run CONFIG.yaml [--out DIR] [--smoke]`: run every configured engine on
-the same workload in one process, print a markdown table, write results.json/.csv and a PNG."""
+the same workload in one process, print a markdown table, write results.json/.csv and a PNG.
+
+Every engine gets the same startup (built, then one untimed pass over the workload) and its timed
+run must compile nothing. Runs that record their tokens are compared with the first of our own
+engines that does: the share of requests with identical tokens is reported per run, and with
+`check_same_outputs: true` a mismatch among our engines fails the command (other frameworks, HF
+and llama.cpp, are compared for information only)."""
 
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at
 
 import models  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from experiments.engines import OptionalEngineMissing, drop_compiled_programs, make_engine, warm_up_and_serve  # noqa: E402
+from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
+from experiments.compile_cache import default_cache_dir, enable_compilation_cache  # noqa: E402
+from experiments.engines import OptionalEngineMissing, build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
 from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
@@ -30,33 +38,46 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
           f"in {time.perf_counter() - t0:.1f}s; workload: {describe(requests)}", file=sys.stderr)
     if config.request_rates:
         return _run_rate_sweep(model, config, requests, out_dir)
-    runs, outputs = [], {}
+    runs, outputs, informational = [], {}, set()
     for run_config in config.runs:
         drop_compiled_programs()
         try:
-            engine = make_engine(model, run_config, requests)
+            engine, build_s, build_watch = build_engine(model, run_config, requests)
         except OptionalEngineMissing as err:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)
             continue
-        trace = warm_up_and_serve(engine, requests, run_config.name, config.warmup)
+        trace = warm_up_and_serve(engine, requests, run_config.name, config.warmup, build_s=build_s,
+                                  build_watch=build_watch, allow_timed_compiles=not config.warmup)
         if getattr(engine, "outputs", None):
             outputs[run_config.name] = dict(engine.outputs)
+            if getattr(engine, "informational_outputs", False):
+                informational.add(run_config.name)
         runs.append({"name": run_config.name, "config": run_config.model_dump(), "metrics": summarize(trace)})
         _save_partial(out_dir, config, runs)  # a later run that dies (e.g. out of memory) loses only itself
+    agreement = token_agreement(outputs, informational)
+    for run in runs:
+        if run["name"] in agreement:
+            run["metrics"]["same_tokens_fraction"] = agreement[run["name"]]["same_tokens_fraction"]
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
-              "runs": runs, "claims": evaluate_claims(config, runs)}
-    if config.check_same_outputs:
-        result["same_outputs"] = same_outputs(outputs)
+              "runs": runs, "claims": evaluate_claims(config, runs), "token_agreement": agreement}
     paths = write_results(out_dir, result)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(markdown_table(runs))
-    if config.check_same_outputs:
-        print(f"\nsame tokens for every request as run {next(iter(outputs), '-')!r}: {result['same_outputs']}")
+    if agreement:
+        print("\n" + agreement_lines(agreement))
     if result["claims"]:
         print("\n" + claims_table(result["claims"]))
     print(f"\nwrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    differing = [name for name, a in agreement.items() if not a["informational"] and a["same_requests"] < a["num_requests"]]
+    if config.check_same_outputs and differing:
+        raise OutputsDiffer(f"check_same_outputs: runs {differing} gave some requests other tokens than run "
+                            f"{next(iter(agreement.values()))['reference']!r} (see token_agreement in results.json)")
     return result
+
+
+class OutputsDiffer(RuntimeError):
+    """`check_same_outputs: true` and one of our engines gave a request different tokens."""
 
 
 def _save_partial(out_dir: Path, config: ExperimentConfig, runs: list[dict]) -> None:
@@ -84,12 +105,31 @@ def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) ->
     return result
 
 
-def same_outputs(outputs: dict[str, dict[int, list[int]]]) -> dict[str, bool]:
-    """Per run that recorded its tokens: whether every request got the first such run's tokens."""
-    if not outputs:
+def token_agreement(outputs: dict[str, dict[int, list[int]]], informational: set[str]) -> dict[str, dict]:
+    """Per run that recorded its tokens: how many requests got exactly the tokens of the reference
+    run (the first of our own engines that recorded them; the first run if only other frameworks
+    did). Nothing to compare (fewer than two such runs): {}."""
+    if len(outputs) < 2:
         return {}
-    first = next(iter(outputs.values()))
-    return {name: tokens == first for name, tokens in outputs.items()}
+    reference = next((name for name in outputs if name not in informational), next(iter(outputs)))
+    expected = outputs[reference]
+    agreement = {}
+    for name, tokens in outputs.items():
+        same = sum(tokens.get(request_id) == want for request_id, want in expected.items())
+        agreement[name] = {"reference": reference, "same_requests": same, "num_requests": len(expected),
+                           "same_tokens_fraction": same / max(1, len(expected)),
+                           "informational": name in informational}
+    return agreement
+
+
+def agreement_lines(agreement: dict[str, dict]) -> str:
+    """One line per run: requests with the reference run's tokens."""
+    lines = []
+    for name, a in agreement.items():
+        note = " (informational: another framework)" if a["informational"] else ""
+        lines.append(f"{name}: {a['same_requests']}/{a['num_requests']} requests with the same tokens as "
+                     f"{a['reference']!r}{note}")
+    return "\n".join(lines)
 
 
 def evaluate_claims(config: ExperimentConfig, runs: list[dict]) -> list[dict]:
@@ -131,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/configs/quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
     parser.add_argument("--smoke", action="store_true", help="apply the config's `smoke:` overrides (tiny, fast)")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                        help="jax's persistent compilation cache folder, or 'off' (default: "
+                             "$INFER_LAB_COMPILATION_CACHE, else ~/.cache/infer-lab/jax)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory: faster XLA CPU steps, more resident memory")
     args = parser.parse_args(argv)
@@ -141,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.keep_freed_memory:
         keep_freed_memory()
+    cache = args.compilation_cache
+    enable_compilation_cache(default_cache_dir() if cache is None else None if cache == "off" else Path(cache))
     out_dir = args.out or Path("results") / (config.experiment + ("-smoke" if args.smoke else ""))
-    run_experiment(config, out_dir)
+    try:
+        run_experiment(config, out_dir)
+    except (OutputsDiffer, CompiledWhileTimed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,14 @@
-"""Write the notebooks from the cell sources below (run: python notebooks/build_notebooks.py).
+"""Write the notebooks from the cell sources below and execute them, so the committed .ipynb files
+show their outputs and plots to a reader who does not run them (one command, from the repository
+root: `python notebooks/build_notebooks.py`; `--no-execute` writes the cells only).
 
-Keeping the sources here makes notebook diffs readable; tests/test_notebooks.py executes the
-generated .ipynb files, so a notebook that stops working fails CI.
+Keeping the sources here makes notebook diffs readable; tests/test_notebooks.py checks the committed
+cells match these sources and executes the notebooks again, so a notebook that stops working fails CI.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nbformat
@@ -204,7 +207,18 @@ def build(cells, path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def execute(path: Path, root: Path) -> None:
+    """Run the notebook top to bottom (working directory: the repository root) and store its outputs."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    nbformat.write(nb, path)
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
-    build(PAGED_ATTENTION, here / "paged_attention.ipynb")
-    build(CONTINUOUS_BATCHING, here / "continuous_batching.ipynb")
+    for cells, name in ((PAGED_ATTENTION, "paged_attention"), (CONTINUOUS_BATCHING, "continuous_batching")):
+        build(cells, here / f"{name}.ipynb")
+        if "--no-execute" not in sys.argv[1:]:
+            execute(here / f"{name}.ipynb", here.parent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("INFER_LAB_COMPILATION_CACHE", "off")  # harness runs in tests leave ~/.cache alone
 
 import numpy as np
 import pytest

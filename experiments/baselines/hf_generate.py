@@ -1,9 +1,13 @@
-"""Baseline: HF transformers `generate` (PyTorch, CPU, eager attention) in static batches.
+"""Baseline: HF transformers `generate` (PyTorch, CPU) in static batches, at its own defaults.
 
-It holds exactly our model's weights (converted with `models.loading.to_transformers`), runs the
-same requests in the same static-batch policy, greedy, with every request forced to its workload
-output length (`min_new_tokens = max_new_tokens`; rows shorter than the batch's longest keep
-generating, as HF does). Prompts are left-padded with an attention mask, as HF expects.
+It holds exactly our model's weights (converted with `models.loading.to_transformers`), with
+transformers' default attention (SDPA) and torch using every core XLA uses (`torch.set_num_threads`),
+runs the same requests in the same static-batch policy, greedy, with every request forced to its
+workload output length (`min_new_tokens = max_new_tokens`; rows shorter than the batch's longest keep
+generating, as HF does). Prompts are left-padded with an attention mask, as HF expects. Its warm-up is
+every engine's: one untimed pass over the workload. Its greedy tokens are recorded; the harness
+reports how many requests got the same tokens as our engines (informational: torch and XLA round
+differently, so near-ties in f32 may pick different tokens).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import models
 from models.loading import to_transformers
-from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches
+from experiments.engines import BatchOutcome, host_cores, kv_bytes_per_token, serve_static_batches, untimed_pass
 from experiments.workloads import Request
 
 
@@ -36,9 +40,13 @@ class _FirstTokenTimer(BaseStreamer):
 
 
 class HFGenerateEngine:
-    def __init__(self, model: models.Model, run_config):
-        self.batch_size = run_config.batch_size
-        self.hf_model = to_transformers(model.params, model.config)
+    informational_outputs = True  # another framework: its tokens are compared, never required equal
+
+    def __init__(self, model: models.Model, run_config, requests: list[Request]):
+        self.batch_size, self.requests = run_config.batch_size, requests
+        torch.set_num_threads(host_cores())
+        self.hf_model = to_transformers(model.params, model.config)  # transformers' default attention
+        self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for the comparison)
         self.pad_id = model.config.eos_token_ids[0] if model.config.eos_token_ids else 0
         self.per_token_bytes = kv_bytes_per_token(model)  # HF runs in f32 like our default
 
@@ -53,6 +61,8 @@ class HFGenerateEngine:
                                          min_new_tokens=max_new, do_sample=False,
                                          pad_token_id=self.pad_id, streamer=timer)
         end = time.perf_counter()
+        for row, r in enumerate(batch):
+            self.outputs[r.request_id] = out[row, width:width + r.output_len].tolist()
         generated = out.shape[0] * (out.shape[1] - width)
         # HF's DynamicCache holds [batch, width + s] per layer after step s (grown by concatenation);
         # row r holds real tokens for its prompt and its first min(s, output_len) outputs.
@@ -63,7 +73,10 @@ class HFGenerateEngine:
                             int(used[-1]) * self.per_token_bytes, float(np.mean(used / allocated)), generated)
 
     def warmup(self) -> None:
-        self._generate([Request(0, (self.pad_id + 1,) * 4, 2, 0.0)])
+        untimed_pass(self, self.requests, f"hf b{self.batch_size}")
 
     def serve(self, requests, progress):
-        return serve_static_batches(requests, self.batch_size, self._generate, progress)
+        trace = serve_static_batches(requests, self.batch_size, self._generate, progress)
+        trace.extra_metrics["torch_threads"] = torch.get_num_threads()
+        trace.extra_metrics["attn_implementation"] = self.hf_model.config._attn_implementation
+        return trace

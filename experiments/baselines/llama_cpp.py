@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import models
-from experiments.engines import OptionalEngineMissing, RequestRecord, RunTrace, kv_bytes_per_token
+from experiments.engines import (OptionalEngineMissing, RequestRecord, RunTrace, host_cores, kv_bytes_per_token,
+                                 untimed_pass)
 from experiments.workloads import Request
 
 
@@ -54,6 +55,8 @@ def f32_gguf(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
 class LlamaCppEngine:
     """llama.cpp F32 on the model's own GGUF weights, one request at a time, greedy."""
 
+    informational_outputs = True  # another framework: its tokens are compared, never required equal
+
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
         try:
             import llama_cpp
@@ -68,8 +71,9 @@ class LlamaCppEngine:
         path = f32_gguf(model.gguf_path, Path(self._dir.name) / "model.F32.gguf")
         n_ctx = max(len(r.prompt) + r.output_len for r in requests) + 1
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), verbose=False,
-                                   n_threads=run_config.n_threads or os.cpu_count(),
-                                   n_threads_batch=run_config.n_threads or os.cpu_count())
+                                   n_threads=run_config.n_threads or host_cores(),
+                                   n_threads_batch=run_config.n_threads or host_cores())
+        self.requests = requests
         self.outputs: dict[int, list[int]] = {}
 
     def _generate(self, prompt: list[int], output_len: int) -> tuple[list[int], float, float]:
@@ -85,7 +89,7 @@ class LlamaCppEngine:
         return tokens, first, time.perf_counter()
 
     def warmup(self) -> None:
-        self._generate([1, 2, 3], 4)
+        untimed_pass(self, self.requests, "llama.cpp")
 
     def serve(self, requests: list[Request], progress) -> RunTrace:
         records, decode_s, decode_tokens, prefill_s = [], 0.0, 0, 0.0

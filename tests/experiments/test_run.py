@@ -61,24 +61,25 @@ def test_static_engine_outputs_exact_lengths_and_counts_waste(tmp_path):
     """Static batching: every request gets exactly its output length; the batch pays for the longest."""
     import models
     from experiments.config import StaticRunConfig
-    from experiments.engines import make_engine
+    from experiments.engines import make_engine, warm_up_and_serve
     from experiments.workloads import Request
+    from models.static_batch import prompt_bucket, round_up
 
     model = models.load("tiny")
     requests = [Request(0, (5, 6, 7), 3, 0.0), Request(1, (8,) * 20, 9, 0.0), Request(2, (9, 9), 1, 0.0)]
     engine = make_engine(model, StaticRunConfig(name="s", engine="static", batch_size=4), requests)
-    engine.warmup()
-    done = []
-    trace = engine.serve(requests, done.append)
-    assert sum(done) == 3 and len(trace.records) == 3
+    trace = warm_up_and_serve(engine, requests, "s", warm_up=True)  # raises if the timed part compiled
+    assert len(trace.records) == 3 and sorted(engine.outputs) == [0, 1, 2]
+    assert [len(engine.outputs[i]) for i in range(3)] == [3, 9, 1]
     assert trace.generated_tokens == 4 * 9  # 4 padded rows x the longest output
-    assert trace.num_compilations == 0  # warm-up compiled every shape
+    assert trace.num_compilations == 0 and trace.startup_compilations > 0
     per_token = model.config.kv_bytes_per_token(4)
+    max_len = round_up(prompt_bucket(20) + 9, 64)  # FT sizes the cache per batch: longest prompt + output
     assert trace.kv_bytes_used_peak == (3 + 3 + 20 + 9 + 2 + 1) * per_token
-    assert trace.kv_bytes_allocated_peak == 4 * engine.max_len * per_token
+    assert trace.kv_bytes_allocated_peak == 4 * max_len * per_token
     # steps 0..8 (prefill + 8 decodes): rows grow until their own output length, then stay
     held = [sum(p + min(s + 1, o) for p, o in [(3, 3), (20, 9), (2, 1)]) for s in range(9)]
-    assert trace.kv_utilization == pytest.approx(sum(held) / 9 / (4 * engine.max_len))
+    assert trace.kv_utilization == pytest.approx(sum(held) / 9 / (4 * max_len))
 
 
 def test_unknown_key_exits_2_and_names_it(tmp_path, capsys):
@@ -97,7 +98,9 @@ def test_finished_runs_survive_a_later_run_that_dies(tmp_path, monkeypatch):
     config = parse_config({"experiment": "dies", "model": "tiny",
                            "workload": {"kind": "alpaca", "num_requests": 2, "max_output_len": 3},
                            "runs": [{"name": "first", "engine": "static"}, {"name": "second", "engine": "static"}]})
-    real_make_engine, calls = run_module.make_engine, []
+    import experiments.engines as engines_module
+
+    real_make_engine, calls = engines_module.make_engine, []
 
     def make_engine(model, run_config, requests):
         calls.append(run_config.name)
@@ -105,12 +108,56 @@ def test_finished_runs_survive_a_later_run_that_dies(tmp_path, monkeypatch):
             raise MemoryError("killed")
         return real_make_engine(model, run_config, requests)
 
-    monkeypatch.setattr(run_module, "make_engine", make_engine)
+    monkeypatch.setattr(engines_module, "make_engine", make_engine)
     with pytest.raises(MemoryError):
         run_module.run_experiment(config, tmp_path)
     partial = json.loads((tmp_path / "results.partial.json").read_text())
     assert calls == ["first", "second"] and [r["name"] for r in partial["runs"]] == ["first"]
     assert partial["runs"][0]["metrics"]["output_tokens_per_s"] > 0
-    monkeypatch.setattr(run_module, "make_engine", real_make_engine)
+    monkeypatch.setattr(engines_module, "make_engine", real_make_engine)
     run_module.run_experiment(config, tmp_path)
     assert not (tmp_path / "results.partial.json").exists() and (tmp_path / "results.json").exists()
+
+
+def test_token_agreement_counts_requests_against_our_first_engine():
+    from experiments.run import token_agreement
+
+    outputs = {"hf": {0: [1, 2], 1: [3, 9]}, "static": {0: [1, 2], 1: [3, 4]}, "paged": {0: [1, 2], 1: [3, 5]}}
+    agreement = token_agreement(outputs, informational={"hf"})
+    assert {a["reference"] for a in agreement.values()} == {"static"}  # HF is never the reference
+    assert [(n, a["same_requests"], a["informational"]) for n, a in agreement.items()] == [
+        ("hf", 1, True), ("static", 2, False), ("paged", 1, False)]
+    assert agreement["paged"]["same_tokens_fraction"] == 0.5
+    assert token_agreement({"static": {0: [1]}}, set()) == {}  # nothing to compare with
+
+
+def _two_static_runs(check: bool) -> dict:
+    return {"experiment": "same", "model": "tiny", "check_same_outputs": check,
+            "workload": {"kind": "alpaca", "num_requests": 3, "max_output_len": 3},
+            "runs": [{"name": "b2", "engine": "static", "batch_size": 2},
+                     {"name": "b4", "engine": "static", "batch_size": 4}]}
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_check_same_outputs_fails_the_command_on_a_mismatch(tmp_path, monkeypatch, capsys, check):
+    import yaml
+
+    from experiments.engines import StaticEngine
+
+    real_serve = StaticEngine.serve
+
+    def serve_with_a_wrong_token(self, requests, progress):
+        trace = real_serve(self, requests, progress)
+        if self.batch_size == 4 and 0 in self.outputs:
+            self.outputs[0] = [t + 1 for t in self.outputs[0]]
+        return trace
+
+    monkeypatch.setattr(StaticEngine, "serve", serve_with_a_wrong_token)
+    path = tmp_path / "same.yaml"
+    path.write_text(yaml.safe_dump(_two_static_runs(check)))
+    assert main([str(path), "--out", str(tmp_path)]) == (1 if check else 0)
+    captured = capsys.readouterr()
+    assert "b4: 2/3 requests with the same tokens as 'b2'" in captured.out
+    assert ("check_same_outputs: runs ['b4']" in captured.err) == check
+    result = json.loads((tmp_path / "results.json").read_text())  # written before the check fails
+    assert result["token_agreement"]["b4"]["same_requests"] == 2

@@ -1,5 +1,5 @@
 """The request-rate sweep (warm-up once per run, one timed replay per rate, partial results after
-each) and the clock that stops while jax compiles."""
+each), the compile watch, and the rule that a timed run compiles nothing."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 
 import experiments.run as run_module
 import models
-from experiments.compile_clock import CompileClock
+from experiments.compile_watch import CompiledWhileTimed, CompileWatch
 from experiments.config import parse_config
-from experiments.engines import drop_compiled_programs, make_engine
+from experiments.engines import drop_compiled_programs, make_engine, warm_up_and_serve
 from experiments.workloads import Request
 
 SWEEP = {"experiment": "sweep", "model": "tiny", "request_rates": [30, 300],
@@ -45,7 +45,7 @@ def test_one_warm_up_per_run_then_one_replay_per_rate(tmp_path, monkeypatch):
     def recording_engine(model, run_config, requests):
         return RecordingEngine(make_engine(model, run_config, requests), run_config.name, calls)
 
-    monkeypatch.setattr("experiments.sweep.make_engine", recording_engine)
+    monkeypatch.setattr("experiments.engines.make_engine", recording_engine)
     result = run_module.run_experiment(parse_config(SWEEP), tmp_path)
     assert [(name, kind) for name, kind, _ in calls] == [
         (name, kind) for name in ("continuous", "chunked") for kind in ("warmup", "serve", "serve")]
@@ -55,8 +55,9 @@ def test_one_warm_up_per_run_then_one_replay_per_rate(tmp_path, monkeypatch):
     assert [r["name"] for r in result["runs"]] == ["continuous@30", "continuous@300", "chunked@30", "chunked@300"]
     for run in result["runs"]:
         m = run["metrics"]
-        assert m["compile_s_excluded"] >= 0  # small host-side jits may compile too, hence no equivalence
-        assert m["compile_s_excluded"] > 0 or m["num_compilations"] == 0
+        assert m["num_compilations"] >= 0 and m["startup_s"] > 0
+        first_rate = run["name"].endswith("@30")
+        assert (m["startup_compilations"] > 0) == first_rate  # the warm-up compiles; later rates reuse it
     assert not (tmp_path / "results.partial.json").exists()
 
 
@@ -66,7 +67,7 @@ def test_finished_rates_survive_a_later_run_that_dies(tmp_path, monkeypatch):
             raise MemoryError("killed")
         return make_engine(model, run_config, requests)
 
-    monkeypatch.setattr("experiments.sweep.make_engine", dying_engine)
+    monkeypatch.setattr("experiments.engines.make_engine", dying_engine)
     with pytest.raises(MemoryError):
         run_module.run_experiment(parse_config(SWEEP), tmp_path)
     partial = json.loads((tmp_path / "results.partial.json").read_text())
@@ -82,32 +83,31 @@ def _fresh_program(n: int):
     return jax.jit(f)
 
 
-def test_compile_clock_leaves_out_compile_time_only():
+def test_compile_watch_counts_new_programs_and_their_seconds_only():
     x = jnp.ones(8)
-    with CompileClock() as clock:
-        start = time.perf_counter()
+    with CompileWatch() as watch:
         fn = _fresh_program(300)
         fn(x).block_until_ready()  # traces, lowers and compiles
-        compiled_s = clock.compile_s
-        time.sleep(0.2)
+        programs, seconds = watch.programs, watch.seconds
         fn(x).block_until_ready()  # cached: no compile
-        elapsed = time.perf_counter() - start
-        now = clock.now()
-    assert compiled_s > 0.05 and clock.compile_s == compiled_s
-    assert now == pytest.approx(elapsed - compiled_s, abs=0.05) and now >= 0.2
-    with CompileClock() as other:  # the first clock no longer listens
+    assert programs >= 1 and seconds > 0.05
+    assert (watch.programs, watch.seconds) == (programs, seconds)
+    with CompileWatch() as other:  # the first watch no longer listens
         _fresh_program(50)(x).block_until_ready()
-    assert clock.compile_s == compiled_s and other.compile_s > 0
+    assert watch.programs == programs and other.programs >= 1
 
 
-def test_a_cold_continuous_run_leaves_its_compiles_out_of_its_clock():
+def test_a_timed_run_that_compiles_fails_and_a_warmed_up_one_compiles_nothing():
     model = models.load("tiny", dtype="float32")
-    requests = [Request(0, (5, 6, 7), 4, 0.0), Request(1, (8, 9), 3, 0.05)]
-    engine = make_engine(model, parse_config(SWEEP).runs[0], requests)
+    requests = [Request(0, (5, 6, 7), 4, 0.0), Request(1, (8, 9), 3, 0.0)]  # offline: the warm-up meets every shape
+    run_config = parse_config(SWEEP).runs[0]
     drop_compiled_programs()  # whatever ran before in this process, this run compiles its shapes
-    start = time.perf_counter()
-    trace = engine.serve(requests, lambda n: None)
-    elapsed = time.perf_counter() - start
-    assert trace.num_compilations > 0 and trace.compile_s_excluded > 0
-    # the clock runs inside serve (after the engine is built) and drops the compile seconds
-    assert 0.05 <= trace.wall_s <= elapsed - trace.compile_s_excluded  # 0.05: the second arrival
+    with pytest.raises(CompiledWhileTimed, match="compiled .* program"):
+        warm_up_and_serve(make_engine(model, run_config, requests), requests, "cold", warm_up=False)
+    drop_compiled_programs()
+    trace = warm_up_and_serve(make_engine(model, run_config, requests), requests, "warm", warm_up=True)
+    assert trace.num_compilations == 0 and trace.startup_compilations > 0
+    assert trace.startup_s >= trace.warmup_s > 0 and trace.startup_compile_s > 0
+    cold = warm_up_and_serve(make_engine(model, run_config, requests), requests, "allowed", warm_up=False,
+                             allow_timed_compiles=True)
+    assert cold.num_compilations == 0  # the same shapes: compiled by the warm-up above
