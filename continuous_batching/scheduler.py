@@ -18,7 +18,22 @@ first-come first-served while the budget, the sequence cap and the free blocks a
                            FasterTransformer); the batch's prompts then go in one step, whatever
                            the budget
     reserve=fn             the manager reserves `fn(seq)` tokens per sequence at admission
-                           (`reservation.ReservationManager`: Orca)
+                           (`reservation.ReservationManager`: Orca); not consulted by static
+                           batching on that manager (below)
+
+Static batching on contiguous memory (admit_when_idle=True with a `ReservationManager`: the engine's
+`static` policy) reserves per batch, as FasterTransformer sizes its KV cache per `forward` call
+(`reservation.py`): a batch of n members holds n rows of longest prompt + largest max_tokens tokens,
+each row rounded up to whole blocks, i.e. n * ceil((max prompt + max max_tokens) / block_size)
+blocks. The batch forms when nothing is running, first-come first-served from the head of the
+queue: the next waiting sequence joins if the batch would then have at most `max_num_seqs` members
+and the grown batch's reservation (recomputed with the joiner's prompt and max_tokens, so every
+row grows when a longer member joins) fits in one free extent of the pool. The first sequence that
+does not fit ends the batch; no later, smaller one is taken past it, and it heads the next batch.
+The batch's blocks are reserved at once and return to the pool only when its last member finishes
+or is aborted; members that finish earlier keep their rows. No member can outgrow its row, so
+static batching never preempts. On a paged `BlockManager`, static batching keeps per-token blocks
+freed per sequence (the scheduler's paged rules, admission only when idle).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import dataclasses
 from typing import Callable
 
 from continuous_batching.request import Sequence, Status
+from continuous_batching.reservation import ReservationManager, batch_row_tokens
 from paged_attention.block_manager import BlockManager
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -54,7 +70,7 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, manager: BlockManager | ReservationManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  chunked_prefill: bool = False, preemption: str = "recompute", admit_when_idle: bool = False,
                  reserve: Callable[[Sequence], int] | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -63,6 +79,7 @@ class Scheduler:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
         self.manager, self.chunked_prefill, self.preemption = manager, chunked_prefill, preemption
         self.admit_when_idle, self.reserve = admit_when_idle, reserve
+        self.reserve_per_batch = admit_when_idle and isinstance(manager, ReservationManager)
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.swapped: list[Sequence] = []  # oldest first
@@ -112,6 +129,9 @@ class Scheduler:
                 budget -= plan.seqs[-1].num_new_tokens
         if self.swapped or (self.admit_when_idle and self.running):
             return plan
+        if self.reserve_per_batch:
+            self._admit_batch(plan)
+            return plan
         while self.waiting and len(self.running) < self.max_num_seqs and (budget > 0 or self.admit_when_idle):
             seq = self.waiting[0]
             if not (self.chunked_prefill or self.admit_when_idle) and seq.num_uncomputed > budget:
@@ -125,6 +145,31 @@ class Scheduler:
             plan.seqs.append(self._plan(seq, budget))
             budget -= plan.seqs[-1].num_new_tokens
         return plan
+
+    def _admit_batch(self, plan: Schedule) -> None:
+        """Form a static batch on contiguous memory and reserve it whole (see the module docstring)."""
+        batch: list[Sequence] = []
+        for seq in self.waiting:
+            if len(self.running) + len(batch) >= self.max_num_seqs:
+                break
+            grown = batch + [seq]
+            if not self.manager.can_allocate_batch([s.tokens for s in grown], self.batch_row_tokens(grown)):
+                break
+            batch = grown
+        if not batch:
+            return
+        self.manager.allocate_batch([s.seq_id for s in batch], [s.tokens for s in batch],
+                                    self.batch_row_tokens(batch))
+        for seq in batch:
+            self.waiting.popleft()
+            seq.num_computed, seq.status = 0, Status.RUNNING
+            self.running.append(seq)
+            plan.seqs.append(self._plan(seq, self.budget))
+
+    @staticmethod
+    def batch_row_tokens(batch: list[Sequence]) -> int:
+        """Tokens of each row of a static batch: longest prompt + largest max_tokens."""
+        return batch_row_tokens([len(s.prompt) for s in batch], [s.max_tokens for s in batch])
 
     def _can_allocate(self, seq: Sequence) -> bool:
         if self.reserve is None:
