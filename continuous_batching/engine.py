@@ -84,6 +84,10 @@ class Engine:
 
     def __init__(self, model: models.Model, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
+        limit = model.config.max_position_embeddings
+        if config.max_model_len > limit:
+            raise ValueError(f"EngineConfig.max_model_len ({config.max_model_len}) must be <= the model's "
+                             f"max_position_embeddings ({model.config.name}: {limit})")
         if config.paged:
             self.manager = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks,
                                         config.enable_prefix_caching)
@@ -115,6 +119,7 @@ class Engine:
         params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or a dict, got {type(params).__name__}")
+        params.check_vocab(self.model.config.vocab_size)
         prompt = self._prompt_ids(prompt)
         self._check_fits(len(prompt), params)
         if params.stop and self.model.tokenizer is None:

@@ -98,6 +98,14 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{field} must be {allowed} with beam search (beam_width > 1), "
                                  f"got {getattr(self, field)!r}")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError unless every stop token id is in the model's vocabulary [0, vocab_size)
+        (the engine calls this in `add_request`, where the vocabulary is known)."""
+        outside = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if outside:
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids in [0, {vocab_size}) (the "
+                             f"model's vocabulary), got {outside} outside it")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

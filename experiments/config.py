@@ -8,7 +8,11 @@
       - {name: naive-static, engine: static, batch_size: 8}
     smoke: {model: tiny, workload: {kind: alpaca, num_requests: 4}}   # merged in by --smoke
 
-Unknown keys and bad values raise `ConfigError` naming the key and the allowed values.
+Unknown keys and bad values raise `ConfigError` naming the key and the allowed values, before any
+model loads: first each key on its own (pydantic), then the keys together
+(`experiments/config_checks.py`: claims' metrics, rate sweeps, keys a run would ignore, sizes that
+could only fail later). `check_against_model` adds what the model's config (read without its
+weights, `read_model_config`) reveals.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from experiments.config_checks import check_config, check_model_limits
 
 
 class ConfigError(ValueError):
@@ -35,7 +41,7 @@ class WorkloadConfig(Strict):
     kind: Literal["sharegpt", "alpaca", "fixed"]  # fixed: every request max_prompt_len in, max_output_len out
     num_requests: int = Field(gt=0)
     request_rate: float = Field(default=math.inf, gt=0)  # requests/s, Poisson; inf = all at t=0
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # numpy's Generator seeds are >= 0
     max_prompt_len: int | None = Field(default=None, gt=0)  # longer prompts are truncated
     max_output_len: int | None = Field(default=None, gt=0)  # longer outputs are capped
     shared_prefix_len: int = Field(default=0, ge=0)  # same random tokens before every prompt (few-shot preamble)
@@ -97,7 +103,7 @@ class SharingRunConfig(Strict):
     width: int = Field(ge=2)  # parallel samples per request (n), or the beam width
     block_size: int = Field(default=16, gt=0)
     max_requests: int = Field(default=20, gt=0)  # beam search only: the first this many requests
-    seed: int = 0  # parallel sampling only: draws of the other samples' output lengths
+    seed: int = Field(default=0, ge=0)  # parallel sampling only: draws of the other samples' output lengths
 
 
 class AttentionBenchRunConfig(Strict):
@@ -192,16 +198,6 @@ class ExperimentConfig(Strict):
             raise ValueError(f"run names must be unique; repeated: {duplicates}")
         return runs
 
-    @model_validator(mode="after")
-    def _claims_name_runs(self) -> "ExperimentConfig":
-        names = [r.name for r in self.runs]
-        for i, claim in enumerate(self.claims):
-            for key in ("run", "ratio_to"):
-                value = getattr(claim, key)
-                if value is not None and value not in names:
-                    raise ValueError(f"claims[{i}].{key}: unknown run {value!r}; allowed: {names}")
-        return self
-
 
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
@@ -257,9 +253,47 @@ def parse_config(data: dict, *, smoke: bool = False, source: str = "<dict>") -> 
     if smoke:
         data = _deep_merge(data, overrides)
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
+    _raise_problems(check_config(config), source)
+    return config
+
+
+def _raise_problems(problems: list[tuple[str, str]], source: str) -> None:
+    if problems:
+        raise ConfigError("\n".join([f"invalid experiment config {source}:"]
+                                     + [f"  {path}: {message}" for path, message in problems]))
+
+
+def check_against_model(config: ExperimentConfig, model_config, *, source: str = "<config>") -> None:
+    """Raise ConfigError if the config asks more of the model than its config allows (a
+    `models.config.ModelConfig`, e.g. from `read_model_config`; None checks nothing): sequence
+    lengths beyond its `max_position_embeddings`. The harness calls it before loading the weights."""
+    if model_config is not None:
+        _raise_problems(check_model_limits(config, model_config), f"{source} for model {config.model!r}")
+
+
+def read_model_config(source: str):
+    """The `models.config.ModelConfig` of a model source without loading its weights: a preset's
+    config, a HF checkpoint folder's config.json, or a .gguf file's metadata. None when the source is
+    none of these (`models.load` then names the problem)."""
+    from models.config import PRESETS, ModelConfig
+
+    if source in PRESETS:
+        return PRESETS[source]
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        return ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    if path.suffix == ".gguf" and path.is_file():
+        import gguf
+
+        from models.gguf_loading import config_from_gguf
+
+        return config_from_gguf(gguf.GGUFReader(path), name=path.stem)
+    return None
 
 
 def load_config(path: str | Path, *, smoke: bool = False) -> ExperimentConfig:

@@ -1,0 +1,268 @@
+"""Checks across the keys of a parsed experiment config: what pydantic's per-field types cannot say.
+
+Every check returns `(YAML path, message)` pairs, the message naming the allowed values;
+`experiments.config.parse_config` raises one `ConfigError` listing them all, before any model loads.
+
+- claims: `run` / `ratio_to` name a run, and `metric` is a number those runs' engines report
+  (`experiments/metric_names.py`)
+- rate sweeps (`request_rates`): only engines that serve requests on a clock; keys a sweep does not
+  read (`workload.request_rate`, `check_same_outputs`, `claims`) are refused, and
+  `latency_bound_s_per_token` needs a sweep
+- one experiment, one kind of results table and plot (experiments/report.py `_table_kind`): serving
+  and decode engines together, or only memory simulations, only sharing simulations, or only
+  attention benchmarks
+- a key set in the YAML where the run ignores it (pydantic's `model_fields_set`: set, even to its
+  default, as opposed to left out) is an error: e.g. `reservation` outside policy `request_level`
+- sizes that can only fail later: a memory-sim budget below one request's reservation (the
+  simulation would wait forever), a KV cache or swap space that is not whole blocks, a KV cache
+  that cannot hold one request, a non-power-of-two `block_size` for the Pallas kernels
+- `check_model_limits`: what needs the model's config (its context length), read before the weights
+
+Request lengths come from the workload's caps: a request has at most `max_prompt_len +
+shared_prefix_len` prompt tokens and `max_output_len` output tokens (exactly those for kind `fixed`).
+A size check fails when some request the caps allow would not fit; with no caps it is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from experiments.metric_names import SWEEP_ENGINES, claimable_metrics
+
+Problem = tuple[str, str]  # (YAML path, message)
+
+PAGED_POLICIES = ("continuous", "chunked_prefill")  # the policies on pages; the others reserve up front
+
+# Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
+# of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
+REPORT_GROUPS = (("static", "hf", "paged", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
+                 ("memory_sim",), ("sharing_sim",), ("attention_bench",))
+
+
+def check_config(config) -> list[Problem]:
+    """Every cross-key problem of a parsed `ExperimentConfig`: top-level keys, claims, then each run."""
+    problems = list(_top_level(config)) + list(_claims(config))
+    for i, run in enumerate(config.runs):
+        problems += [(f"runs[{i}].{key}", message) for key, message in _RUN_CHECKS[run.engine](run, config.workload)]
+    return problems
+
+
+def check_model_limits(config, model_config) -> list[Problem]:
+    """Problems only the model's config reveals (`models.config.ModelConfig`, read without weights):
+    sequences longer than its `max_position_embeddings`."""
+    limit, problems = model_config.max_position_embeddings, []
+    longest = longest_request(config.workload)
+    for i, run in enumerate(config.runs):
+        if run.engine == "continuous":
+            if run.max_model_len is not None and run.max_model_len > limit:
+                problems.append((f"runs[{i}].max_model_len", f"{run.max_model_len} exceeds the model's "
+                                 f"max_position_embeddings ({model_config.name}: {limit}); allowed: 1..{limit}"))
+            elif run.max_model_len is None and longest is not None and _round_up(longest, run.block_size) > limit:
+                problems.append((f"runs[{i}].max_model_len", f"unset, so the workload's longest request: up to "
+                                 f"{_describe_longest(config.workload)}, rounded up to block_size "
+                                 f"{run.block_size} = {_round_up(longest, run.block_size)} tokens, beyond the "
+                                 f"model's max_position_embeddings ({model_config.name}: {limit}); lower the "
+                                 f"workload caps to <= {limit // run.block_size * run.block_size} tokens in all"))
+        if run.engine == "sharing_sim" and run.mode == "beam_search" and longest is not None and longest > limit:
+            problems.append((f"runs[{i}].mode", f"beam_search runs the model on requests of up to "
+                             f"{_describe_longest(config.workload)}, beyond its max_position_embeddings "
+                             f"({model_config.name}: {limit}); lower the workload caps to <= {limit} in all"))
+    return problems
+
+
+# ----- request lengths from the workload's caps -------------------------------------------------
+def longest_request(workload) -> int | None:
+    """Most prompt + output tokens a request of `workload` can have; None when a cap is missing."""
+    if workload.max_prompt_len is None or workload.max_output_len is None:
+        return None
+    return workload.max_prompt_len + workload.shared_prefix_len + workload.max_output_len
+
+
+def _describe_longest(workload) -> str:
+    prefix = f" + workload.shared_prefix_len {workload.shared_prefix_len}" if workload.shared_prefix_len else ""
+    return (f"{longest_request(workload)} tokens (workload.max_prompt_len {workload.max_prompt_len}{prefix} "
+            f"+ workload.max_output_len {workload.max_output_len})")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _pow2_at_least(n: int) -> int:
+    """Smallest power of two >= n (models.static_batch.bucket_pow2, which memory_sim's pow2 uses)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+# ----- top level --------------------------------------------------------------------------------
+def _top_level(config) -> Iterator[Problem]:
+    first = config.runs[0]
+    group = next(g for g in REPORT_GROUPS if first.engine in g)
+    for i, run in enumerate(config.runs):
+        if run.engine not in group:
+            yield (f"runs[{i}].engine", f"{run.engine!r} (run {run.name!r}) cannot share an experiment with "
+                   f"{first.engine!r} (runs[0]): the results table and plot are one kind per experiment; allowed "
+                   f"beside {first.engine!r}: {', '.join(group)}")
+    if config.request_rates is None:
+        if "latency_bound_s_per_token" in config.model_fields_set:
+            yield ("latency_bound_s_per_token", "applies only to a rate sweep (set request_rates too, or "
+                   "remove it)")
+    else:
+        for i, run in enumerate(config.runs):
+            if run.engine not in SWEEP_ENGINES:
+                yield (f"runs[{i}].engine", f"run {run.name!r} (engine {run.engine!r}) cannot be swept over "
+                       f"request_rates: it serves no requests on a clock; allowed engines in a sweep: "
+                       f"{', '.join(SWEEP_ENGINES)}")
+        if "request_rate" in config.workload.model_fields_set:
+            yield ("workload.request_rate", "a rate sweep replaces it by each of request_rates; remove it")
+        if "check_same_outputs" in config.model_fields_set:
+            yield ("check_same_outputs", "a rate sweep does not compare outputs; remove it (or request_rates)")
+        if config.claims:
+            yield ("claims", "claims are not evaluated in a rate sweep (its runs are named <run>@<rate>); "
+                   "remove them (or request_rates)")
+    if "random_weights" in config.model_fields_set and str(config.model).endswith(".gguf"):
+        yield ("random_weights", "applies to a model preset or a HF checkpoint folder; a .gguf model "
+               "always loads its weights: remove it")
+
+
+def _claims(config) -> Iterator[Problem]:
+    engines = {run.name: run.engine for run in config.runs}
+    for i, claim in enumerate(config.claims):
+        for key in ("run", "ratio_to"):
+            name = getattr(claim, key)
+            if name is None:
+                continue
+            if name not in engines:
+                yield (f"claims[{i}].{key}", f"unknown run {name!r}; allowed: {list(engines)}")
+                continue
+            allowed = claimable_metrics(engines[name])
+            if claim.metric not in allowed:
+                named = "run" if key == "run" else "ratio_to run"
+                yield (f"claims[{i}].metric", f"{claim.metric!r} is not a metric of {named} {name!r} "
+                       f"(engine {engines[name]!r}); allowed: {', '.join(allowed)}")
+
+
+# ----- per run (paths relative to runs[i]) ------------------------------------------------------
+def _ignored(run, key: str, applies: bool, where: str) -> Iterator[tuple[str, str]]:
+    """`key` set in the YAML although this run ignores it."""
+    if key in run.model_fields_set and not applies:
+        yield (key, f"applies only {where}; this run ignores it: remove it (got {getattr(run, key)!r})")
+
+
+def _pallas_block_size(run) -> Iterator[tuple[str, str]]:
+    if run.backend == "paged" and not _is_pow2(run.block_size):
+        yield ("block_size", f"backend 'paged' (the Pallas kernels, paged_attention/decode_kernel.py and "
+               f"prefill_kernel.py) needs a power of two: Triton tiles are power-of-two sized; allowed: 1, 2, "
+               f"4, 8, 16, 32, 64, 128, 256, ... (got {run.block_size})")
+
+
+def _whole_blocks(key: str, tokens: int, block_size: int, what: str) -> Iterator[tuple[str, str]]:
+    if tokens < block_size or tokens % block_size:
+        yield (key, f"{what} is whole blocks: a positive multiple of block_size ({block_size}); allowed: "
+               f"{block_size}, {2 * block_size}, {3 * block_size}, ... (got {tokens})")
+
+
+def _continuous(run, workload) -> Iterator[tuple[str, str]]:
+    paged = run.policy in PAGED_POLICIES
+    yield from _ignored(run, "reservation", run.policy == "request_level", "under policy 'request_level'")
+    yield from _ignored(run, "preemption", paged, "under policies 'continuous' and 'chunked_prefill' "
+                        f"(policy {run.policy!r} reserves each request's KV up front and never preempts)")
+    yield from _ignored(run, "swap_space_tokens", paged and run.preemption == "swap", "with preemption 'swap'")
+    yield from _ignored(run, "enable_prefix_caching", paged, "under policies 'continuous' and 'chunked_prefill' "
+                        f"(policy {run.policy!r} does not share blocks)")
+    yield from _pallas_block_size(run)
+    bs = run.block_size
+    not_whole = list(_whole_blocks("kv_cache_tokens", run.kv_cache_tokens, bs, "the device KV cache"))
+    yield from not_whole
+    if paged and run.preemption == "swap":
+        yield from _whole_blocks("swap_space_tokens", run.swap_space_tokens, bs,
+                                 "preemption 'swap' needs CPU swap space, which")
+    longest = longest_request(workload)
+    if run.max_model_len is not None and longest is not None and longest > run.max_model_len:
+        yield ("max_model_len", f"{run.max_model_len} is below the workload's longest request: up to "
+               f"{_describe_longest(workload)}; allowed: >= {longest}, or unset (the workload's longest)")
+        return
+    model_len = run.max_model_len or (_round_up(longest, bs) if longest is not None else None)
+    if not not_whole and model_len is not None and _round_up(model_len, bs) > run.kv_cache_tokens:
+        source = ("max_model_len" if run.max_model_len else
+                  f"unset max_model_len: the workload's longest request, up to {longest} tokens, in whole blocks")
+        yield ("kv_cache_tokens", f"{run.kv_cache_tokens} cannot hold one request of {model_len} tokens "
+               f"({source}); allowed: >= {_round_up(model_len, bs)} (whole blocks of {bs})")
+
+
+def _paged(run, workload) -> Iterator[tuple[str, str]]:
+    yield from _pallas_block_size(run)
+
+
+def _attention_bench(run, workload) -> Iterator[tuple[str, str]]:
+    yield from _ignored(run, "block_size", run.backend != "contiguous", "to the paged backends "
+                        "('paged_reference', 'paged')")
+    yield from _pallas_block_size(run)
+
+
+def _sharing(run, workload) -> Iterator[tuple[str, str]]:
+    yield from _ignored(run, "max_requests", run.mode == "beam_search", "to mode 'beam_search'")
+    yield from _ignored(run, "seed", run.mode == "parallel_sampling", "to mode 'parallel_sampling'")
+
+
+def _memory_sim(run, workload) -> Iterator[tuple[str, str]]:
+    paged = run.reservation == "paged"
+    yield from _ignored(run, "block_size", paged, "to reservation 'paged'")
+    yield from _ignored(run, "watermark", paged, "to reservation 'paged'")
+    longest = longest_request(workload)
+    if workload.kind == "fixed" and longest > run.max_len:
+        yield ("max_len", f"{run.max_len} is below every request of the fixed workload: "
+               f"{_describe_longest(workload)}; allowed: >= {longest}")
+        return
+    need, why = _largest_reservation(run, workload)
+    if paged:
+        blocks = -(-need // run.block_size)
+        num_blocks = run.kv_budget_tokens // run.block_size
+        if num_blocks - int(run.watermark * num_blocks) < blocks:
+            smallest = blocks  # the fewest blocks whose share above the watermark holds `blocks`
+            while smallest - int(run.watermark * smallest) < blocks:
+                smallest += 1
+            yield ("kv_budget_tokens", f"{run.kv_budget_tokens} cannot hold one request: {why}, i.e. "
+                   f"{blocks} blocks of block_size {run.block_size}, above the watermark ({run.watermark:g} "
+                   f"of the blocks), so the simulation would wait forever; allowed: >= "
+                   f"{smallest * run.block_size} (or lower max_len / the workload caps)")
+    elif run.kv_budget_tokens < need:
+        yield ("kv_budget_tokens", f"{run.kv_budget_tokens} cannot hold one request's reservation: {why}, so "
+               f"the simulation would wait forever; allowed: >= {need}"
+               + ("" if run.reservation == "max" else " (or lower max_len / the workload caps)"))
+
+
+def _largest_reservation(run, workload) -> tuple[int, str]:
+    """The most KV slots one request can reserve in a memory simulation (paged: prompt + output
+    tokens), and why. A request has prompt + output <= max_len (the simulation rejects longer ones)
+    and at most the workload's caps."""
+    max_len = run.max_len
+    if run.reservation == "max":
+        return max_len, f"reservation 'max' reserves max_len = {max_len} slots per request"
+    longest = longest_request(workload)
+    bound = (_describe_longest(workload) if longest is not None and longest <= max_len
+             else f"{max_len} tokens (max_len)")
+    if run.reservation in ("oracle", "paged"):
+        return min(longest or max_len, max_len), f"a request can have prompt + output up to {bound}"
+    # pow2: prompt + the output length rounded up to a power of two. Within one power-of-two step the
+    # prompt can only shrink as the output grows, so the worst output is 1, 2, 2^k + 1 or the cap.
+    prompt_cap = max_len - 1 if workload.max_prompt_len is None else \
+        workload.max_prompt_len + workload.shared_prefix_len
+    output_cap = min(max_len - 1, workload.max_output_len or max_len)
+    outputs = {1, 2, output_cap} | {2**k + 1 for k in range(output_cap.bit_length())}
+    worst, worst_output = max((min(prompt_cap, max_len - o) + _pow2_at_least(o), o)
+                              for o in outputs if 1 <= o <= output_cap and max_len - o >= 1)
+    return worst, (f"reservation 'pow2' reserves prompt + output rounded up to a power of two, up to {worst} "
+                   f"slots (output {worst_output} -> {_pow2_at_least(worst_output)}) for requests of up to {bound}")
+
+
+def _none(run, workload) -> Iterator[tuple[str, str]]:
+    return iter(())
+
+
+_RUN_CHECKS = {"continuous": _continuous, "paged": _paged, "attention_bench": _attention_bench,
+               "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
+               "llama-cpp": _none, "gemm_roofline": _none}

@@ -1,0 +1,74 @@
+"""Which metrics each engine reports: the keys of a run's `metrics` in results.json.
+
+A claim (`claims[i].metric` in a config) names one of them; the config is checked against this
+registry before any model loads, so a typo fails in milliseconds instead of after every run.
+
+The names come from `experiments/metrics.py` (`summarize`: the serving set; `summarize_simulation`:
+the simulation set, or only `kv_bytes_allocated_peak` for a micro-benchmark that serves no requests)
+plus each engine's own `RunTrace.extra_metrics`, plus `same_tokens_fraction`, which
+`experiments/run.py` adds to every run that records its tokens when two or more runs did. tests/experiments/test_metric_names.py runs every
+engine and asserts it reports exactly these names, so the registry cannot drift from the code: add a
+metric there and the test names the registry entry to update.
+
+Plain data, no imports: `experiments/config.py` reads it without loading jax.
+"""
+
+from __future__ import annotations
+
+# experiments/metrics.py `summarize`: engines that serve requests on a clock of seconds
+SERVING = ("output_tokens_per_s", "requests_per_s", "latency_mean_s", "latency_p50_s", "latency_p99_s",
+           "ttft_mean_s", "ttft_p50_s", "normalized_latency_s_per_token", "kv_bytes_allocated_peak",
+           "kv_bytes_used_peak", "kv_utilization", "output_tokens", "generated_tokens",
+           "wasted_token_fraction", "prefill_time_fraction", "wall_s", "startup_s", "warmup_s",
+           "startup_compilations", "startup_compile_s", "num_compilations")
+# `summarize_simulation` with request records: simulations whose clock counts model iterations
+SIMULATION = ("kv_utilization", "kv_bytes_allocated_peak", "kv_bytes_used_peak", "output_tokens_per_iteration",
+              "latency_mean_iterations")
+# `summarize_simulation` without records: micro-benchmarks that serve no requests
+MICRO_BENCHMARK = ("kv_bytes_allocated_peak",)
+
+# experiments/run.py `token_agreement`: runs whose engine records its tokens, when two or more did
+TOKEN_AGREEMENT = ("same_tokens_fraction",)
+RECORDS_TOKENS = ("static", "hf", "paged", "continuous", "llama-cpp")
+
+# engine (the YAML `engine:` tag) -> (base set, its RunTrace.extra_metrics, in the engine's module)
+_ENGINES = {
+    "static": (SERVING, ()),  # experiments/engines.py
+    "hf": (SERVING, ("torch_threads", "attn_implementation")),  # experiments/baselines/hf_generate.py
+    "paged": (SERVING, ("prefix_cache_hit_rate", "cached_prompt_token_fraction")),  # experiments/paged_engine.py
+    "continuous": (SERVING, ("num_steps", "num_preemptions", "mean_seqs_per_step", "prefill_steps",
+                             "decode_tokens_per_s", "inter_token_latency_p50_s",
+                             "inter_token_latency_p95_s")),  # experiments/continuous_engine.py
+    "llama-cpp": (SERVING, ("decode_tokens_per_s", "mean_seqs_per_step")),  # experiments/baselines/llama_cpp.py
+    "memory_sim": (SIMULATION, ("mean_batched_requests", "max_concurrent_requests", "iterations",
+                                "saturated_iterations", "preemptions", "recomputed_tokens",
+                                "sim_seconds")),  # experiments/memory_sim.py
+    "sharing_sim": (SIMULATION, ("memory_saved_fraction", "blocks_with_sharing_mean",
+                                 "blocks_without_sharing_mean", "cow_copies", "iterations", "num_requests",
+                                 "generated_tokens", "sim_seconds")),  # experiments/sharing.py
+    "attention_bench": (MICRO_BENCHMARK, ("attention_us_per_call", "kv_gb_per_s",
+                                          "device")),  # experiments/attention_bench.py
+    "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",
+                                        "flops_per_token")),  # experiments/roofline.py
+}
+
+# engine -> every metric name its runs report
+METRICS: dict[str, frozenset[str]] = {
+    engine: frozenset(base) | frozenset(extra) | frozenset(TOKEN_AGREEMENT if engine in RECORDS_TOKENS else ())
+    for engine, (base, extra) in _ENGINES.items()}
+
+# Metrics an engine reports as text (or None), so a claim cannot divide by them: the HF baseline's
+# attention implementation and the attention benchmark's jax backend.
+NOT_NUMBERS: dict[str, frozenset[str]] = {
+    "hf": frozenset({"attn_implementation"}),
+    "attention_bench": frozenset({"device"}),
+}
+
+# Engines a rate sweep (`request_rates`) can run: those that replay arrivals in real time and report
+# the normalized latency the sweep's sustained rate is judged by.
+SWEEP_ENGINES = tuple(e for e, names in METRICS.items() if "normalized_latency_s_per_token" in names)
+
+
+def claimable_metrics(engine: str) -> list[str]:
+    """The numeric metrics of `engine`'s runs, sorted: what a claim may name."""
+    return sorted(METRICS[engine] - NOT_NUMBERS.get(engine, frozenset()))
