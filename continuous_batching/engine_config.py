@@ -14,7 +14,8 @@ from continuous_batching.sampling_params import check_known_keys
 from continuous_batching.scheduler import PREEMPTION_MODES
 
 POLICIES = {
-    "static": "FasterTransformer: a fixed batch runs until every member finishes; max reservation",
+    "static": "FasterTransformer: a fixed batch runs until every member finishes; KV reserved per batch "
+              "(members x (longest prompt + largest max_tokens))",
     "request_level": "Orca: requests join and leave at every step, each reserves a contiguous region",
     "continuous": "vLLM: iteration-level scheduling on a paged KV cache, whole prompts per step",
     "chunked_prefill": "Sarathi / Dynamic SplitFuse / vLLM V1: prompts split to fill a token budget",
@@ -62,12 +63,12 @@ class EngineConfig:
         return self.policy in ("continuous", "chunked_prefill")
 
     def kv_tokens_needed(self, prompt_len: int, max_tokens: int) -> int:
-        """KV slots a request holds at most: its reservation (static: max; request_level: the
-        `reservation` rule), or on pages its prompt + output."""
-        if self.paged:
+        """KV slots a request needs on its own: on pages and under static batching (a batch of one;
+        batches reserve per batch, `reservation.py`) its prompt + output; request_level: the
+        `reservation` rule."""
+        if self.paged or self.policy == "static":
             return prompt_len + max_tokens
-        rule = "max" if self.policy == "static" else self.reservation
-        return reservation_tokens(rule, prompt_len, max_tokens, self.max_model_len)
+        return reservation_tokens(self.reservation, prompt_len, max_tokens, self.max_model_len)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -28,9 +28,11 @@ from continuous_batching.sampler import SamplerFlags, build_inputs, sample_token
 from continuous_batching.sampling_params import SamplingParams
 from models.llama import forward
 from models.static_batch import bucket_pow2
-from paged_attention.decode_cpu import bucket_size, build_decode_indices
+from continuous_batching.step_shapes import ShapeSet, StepShape
+from paged_attention.decode_cpu import CHUNK as DECODE_CHUNK, bucket_size, build_decode_indices
 from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes
 from paged_attention.metadata import PagedMetadata
+from paged_attention.prefill_cpu import CHUNK as PREFILL_CHUNK, MIN_CHUNKS as PREFILL_MIN_CHUNKS
 from paged_attention.prefill_cpu import build_prefill_indices, max_tiles
 
 MIN_SEQ_BUCKET = 4
@@ -86,6 +88,7 @@ class PagedModelRunner:
                                             config.head_dim, model.params["embed"].dtype)
         # (prefill tokens, prefill rows, decode rows, blocks, decode page pairs, prefill tile pairs)
         self.shapes_run: set[tuple[int, ...]] = set()
+        self.shapes = ShapeSet()  # compiled step shapes; a server shares one across runners and freezes it
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -110,79 +113,109 @@ class PagedModelRunner:
         # Sequences with several new tokens first (prefill kernel), single tokens after (decode kernel).
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].new_tokens) == 1)
         ordered = [seqs[i] for i in order]
-        query_lens = [len(s.new_tokens) for s in ordered]
-        num_prefill = sum(q > 1 for q in query_lens)
-        max_blocks = self.blocks_bucket(max(len(s.block_table) for s in seqs))
-        tables, lens = [s.block_table for s in ordered], [s.context_len for s in ordered]
+        num_prefill = sum(len(s.new_tokens) > 1 for s in ordered)
+        flags = SamplerFlags.for_params([s.params for s in seqs])
+        metadata, shape = self._metadata(ordered, num_prefill, self._own_shape(ordered, num_prefill))
+        if self.shapes.frozen and (shape, flags) not in self.shapes.compiled:
+            cover = self.shapes.cover(shape, flags)
+            if cover is not None:  # run on a compiled shape's padding instead of compiling a new one
+                metadata, shape = self._metadata(ordered, num_prefill, cover)
+                self.shapes.padded_steps += 1
+        next_tokens, logprobs = self._run(ordered, num_prefill, metadata, shape, flags)
+        back = [0] * len(seqs)  # original index -> row
+        for position, i in enumerate(order):
+            back[i] = position if position < num_prefill else shape.prefill_seqs + position - num_prefill
+        host_lp = None if logprobs is None else _host_logprobs(logprobs, len(next_tokens))
+        return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
+
+    def compile_shape(self, shape: StepShape, flags: SamplerFlags) -> None:
+        """Compile (by running it on padding only: no token is written) the step program of `shape`."""
+        metadata, shape = self._metadata([], 0, shape)
+        self._run([], 0, metadata, shape, flags)
+
+    def _own_shape(self, ordered: list[SeqStep], num_prefill: int) -> StepShape:
+        """The bucketed shape of these sequences' step (pair-list lengths filled in by `_metadata`)."""
+        max_blocks = self.blocks_bucket(max(len(s.block_table) for s in ordered))
+        num_decode = len(ordered) - num_prefill
         if num_prefill == 0:
-            num_prefill_tokens = num_prefill_seqs = 0
-            num_decode_seqs = self.seq_bucket(len(seqs))
-            metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=num_decode_seqs,
-                                           num_seqs=num_decode_seqs, max_blocks=max_blocks)
+            return StepShape(0, 0, self.seq_bucket(num_decode), max_blocks, 0, 0)
+        prefill_tokens = sum(len(s.new_tokens) for s in ordered[:num_prefill])
+        return StepShape(bucket_size(prefill_tokens, MIN_PREFILL_TOKENS), bucket_pow2(num_prefill),
+                         self.seq_bucket(num_decode) if num_decode else 0, max_blocks, 0, 0)
+
+    def _metadata(self, ordered: list[SeqStep], num_prefill: int, shape: StepShape) -> tuple[PagedMetadata, StepShape]:
+        """Device metadata padded to `shape` (its pair-list lengths are minimums), and the exact shape."""
+        tables, lens = [s.block_table for s in ordered], [s.context_len for s in ordered]
+        query_lens = [len(s.new_tokens) for s in ordered]
+        if shape.decode_only:
+            metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=shape.decode_seqs,
+                                           num_seqs=shape.decode_seqs, max_blocks=shape.max_blocks)
+            metadata = dataclasses.replace(metadata, decode_only=True, max_query_len=1)  # also for padding only
         else:
-            num_prefill_tokens = bucket_size(sum(query_lens[:num_prefill]), MIN_PREFILL_TOKENS)
-            num_prefill_seqs = bucket_pow2(num_prefill)
-            num_decode = len(seqs) - num_prefill
-            num_decode_seqs = self.seq_bucket(num_decode) if num_decode else 0
             metadata = PagedMetadata.build_split(
                 tables, lens, query_lens, self.block_size, num_prefill=num_prefill,
-                num_prefill_tokens=num_prefill_tokens, num_prefill_seqs=num_prefill_seqs,
-                num_decode_seqs=num_decode_seqs, max_blocks=max_blocks)
+                num_prefill_tokens=shape.prefill_tokens, num_prefill_seqs=shape.prefill_seqs,
+                num_decode_seqs=shape.decode_seqs, max_blocks=shape.max_blocks)
         if self.backend == "paged_cpu":
-            metadata = self._with_cpu_index_lists(metadata, num_prefill_tokens, num_prefill_seqs)
-        num_tokens = num_prefill_tokens + num_decode_seqs
-        num_rows = num_prefill_seqs + num_decode_seqs
-        # row of each ordered sequence, and the flat index of its first new token
-        rows = list(range(num_prefill)) + list(range(num_prefill_seqs, num_prefill_seqs + len(seqs) - num_prefill))
-        starts = np.concatenate([[0], np.cumsum(query_lens[:num_prefill])]).astype(int).tolist()[:num_prefill]
-        starts += list(range(num_prefill_tokens, num_prefill_tokens + len(seqs) - num_prefill))
+            metadata = self._with_cpu_index_lists(metadata, shape)
+        pairs = (len(metadata.decode_pairs[0]) if metadata.decode_pairs else 0,
+                 len(metadata.prefill_pairs[2]) if metadata.prefill_pairs else 0)
+        return metadata, dataclasses.replace(shape, decode_pairs=pairs[0], prefill_pairs=pairs[1])
+
+    def _run(self, ordered: list[SeqStep], num_prefill: int, metadata: PagedMetadata, shape: StepShape,
+             flags: SamplerFlags):
+        """Fill the token, position and sampler arrays of `shape` and run the jitted step."""
+        num_tokens = shape.prefill_tokens + shape.decode_seqs
+        num_rows = shape.prefill_seqs + shape.decode_seqs
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         last = np.zeros(num_rows, np.int32)  # each row's last new token; padding rows: 0 (ignored)
-        row_steps: list[SeqStep | None] = [None] * num_rows
-        for s, q_len, row, start in zip(ordered, query_lens, rows, starts):
+        row_steps: list[SeqStep] = [SeqStep([], 0, [])] * num_rows
+        start = 0
+        for position, s in enumerate(ordered):
+            q_len = len(s.new_tokens)
+            if position < num_prefill:
+                row = position
+            else:  # decode rows own one token each, after the prefill part
+                row, start = shape.prefill_seqs + position - num_prefill, shape.prefill_tokens + position - num_prefill
             tokens[start:start + q_len] = s.new_tokens
             positions[start:start + q_len] = np.arange(s.context_len - q_len, s.context_len)
             last[row] = start + q_len - 1
             row_steps[row] = s
-        flags = SamplerFlags.for_params([s.params for s in seqs])
-        pad = SeqStep([], 0, [])
-        row_steps = [pad if r is None else r for r in row_steps]
+            start += q_len
         sampler_inputs = build_inputs(
             [r.params for r in row_steps], [np.zeros(2, np.uint32) if r.key is None else r.key for r in row_steps],
             [r.num_generated for r in row_steps],
             [(list(r.history[0]), list(r.history[1])) for r in row_steps] if flags.penalties else None, num_rows)
-        pair_counts = (len(metadata.decode_pairs[0]) if metadata.decode_pairs else 0,
-                       len(metadata.prefill_pairs[2]) if metadata.prefill_pairs else 0)
-        self.shapes_run.add((num_prefill_tokens, num_prefill_seqs, num_decode_seqs, max_blocks) + pair_counts)
+        self.shapes.add(shape, flags)
+        self.shapes_run.add(dataclasses.astuple(shape))
         next_tokens, logprobs, self.kv_cache = _model_step(
-            self.model.params, jnp.asarray(tokens), jnp.asarray(positions), self.kv_cache, metadata,
-            jnp.asarray(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)
-        row_of = {i: row for i, row in zip(order, rows)}  # original index -> row
-        back = [row_of[i] for i in range(len(seqs))]
-        next_tokens = np.asarray(next_tokens)
-        host_lp = None if logprobs is None else _host_logprobs(logprobs, num_rows)
-        return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
+            self.model.params, jax.device_put(tokens), jax.device_put(positions), self.kv_cache, metadata,
+            jax.device_put(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)
+        return np.asarray(next_tokens), logprobs
 
-    def _with_cpu_index_lists(self, metadata: PagedMetadata, num_prefill_tokens: int,
-                              num_prefill_seqs: int) -> PagedMetadata:
+    def _with_cpu_index_lists(self, metadata: PagedMetadata, shape: StepShape) -> PagedMetadata:
         """Add the host-built index lists of the XLA-CPU paths: prefill tiles for the first
-        `num_prefill_seqs` rows, decode page pairs for the rest."""
+        `shape.prefill_seqs` rows, decode page pairs for the rest, each list at least as long as
+        the shape asks."""
         k_cache, _ = self.kv_cache[0]
         num_kv_heads, num_blocks = k_cache.shape[:2]
         tables, lens = np.asarray(metadata.block_tables), np.asarray(metadata.context_lens)
+        num_prefill_seqs = shape.prefill_seqs
         changes = {}
         if num_prefill_seqs:
             pairs = build_prefill_indices(
                 tables[:num_prefill_seqs], lens[:num_prefill_seqs], np.asarray(metadata.query_start_loc),
-                num_prefill_tokens, num_blocks, num_kv_heads, self.block_size,
-                num_tiles=max_tiles(num_prefill_tokens, num_prefill_seqs))
-            changes["prefill_pairs"] = tuple(jnp.asarray(a) for a in pairs)
+                shape.prefill_tokens, num_blocks, num_kv_heads, self.block_size,
+                num_tiles=max_tiles(shape.prefill_tokens, num_prefill_seqs),
+                min_chunks=max(PREFILL_MIN_CHUNKS, shape.prefill_pairs // PREFILL_CHUNK))
+            changes["prefill_pairs"] = tuple(jax.device_put(a) for a in pairs)
             changes["max_query_len"] = None  # static, and the packed prefill has no use for it: fewer compiles
         if len(lens) > num_prefill_seqs:
             pairs = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:], num_blocks,
-                                         num_kv_heads, self.block_size)
-            changes["decode_pairs"] = tuple(jnp.asarray(a) for a in pairs)
+                                         num_kv_heads, self.block_size,
+                                         min_chunks=max(1, shape.decode_pairs // DECODE_CHUNK))
+            changes["decode_pairs"] = tuple(jax.device_put(a) for a in pairs)
         return dataclasses.replace(metadata, **changes)
 
 

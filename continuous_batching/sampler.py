@@ -84,7 +84,7 @@ def build_inputs(params: list[SamplingParams], keys: list[np.ndarray], steps: li
                          jnp.asarray([p.repetition_penalty for p in padded], jnp.float32),
                          jnp.asarray([p.presence_penalty for p in padded], jnp.float32),
                          jnp.asarray([p.frequency_penalty for p in padded], jnp.float32),
-                         jnp.asarray(prompt), jnp.asarray(output))
+                         jax.device_put(prompt), jax.device_put(output))
 
 
 def _token_counts(tokens: jax.Array, vocab: int) -> jax.Array:

@@ -4,6 +4,13 @@ arrive (real-time Poisson replay), one engine step at a time, under the run's sc
 Timing follows the other engines: an untimed warm-up replays the whole workload at once (compiling
 the step shapes it needs), then the timed replay records each request's first-token and finish
 times on the wall clock; compiles are counted by the harness (`experiments.compile_watch`).
+
+Poisson arrivals mix prompts and decodes into step shapes an all-at-once replay never meets. So the
+warm-up also compiles, per kind of step, the envelope of every shape it met
+(`continuous_batching.step_shapes`), and then freezes the shape set: in the timed replay a step
+whose own shape was not compiled runs on the cheapest compiled shape that covers it (padding), as a
+server with a precompiled bucket grid does, and the run reports how many steps did
+(`padded_steps`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import models
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
+from continuous_batching.step_shapes import ShapeSet
 from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
 
@@ -39,12 +47,25 @@ class ContinuousServeEngine:
         self.model, self.requests = model, requests
         self.config = engine_config(run_config, requests)
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
+        self.shapes = ShapeSet()  # step shapes compiled for this run, shared by every Engine it builds
 
     def warmup(self) -> None:
+        """Replay the workload at once, untimed; compile the envelope of its step shapes; freeze."""
         untimed_pass(self, self.requests, self.config.policy)
+        runner = self._engine().runner
+        for shape, flags in self.shapes.envelope():
+            if (shape, flags) not in self.shapes.compiled:
+                runner.compile_shape(shape, flags)
+        self.shapes.frozen = True
+
+    def _engine(self) -> Engine:
+        engine = Engine(self.model, self.config)
+        engine.runner.shapes = self.shapes
+        return engine
 
     def serve(self, requests: list[Request], progress) -> RunTrace:
-        engine = Engine(self.model, self.config)
+        engine = self._engine()
+        padded_before = self.shapes.padded_steps
         per_token, block_size = kv_bytes_per_token(self.model), self.config.block_size
         pending = sorted(requests, key=lambda r: r.arrival_s)
         by_engine_id: dict[int, Request] = {}
@@ -94,6 +115,7 @@ class ContinuousServeEngine:
         return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
                         util_sum / max(1, num_steps), generated, prefill_s,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
+                                       "padded_steps": self.shapes.padded_steps - padded_before,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
                                        "prefill_steps": engine.stats["prefill_steps"],
                                        "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,

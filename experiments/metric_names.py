@@ -36,7 +36,7 @@ _ENGINES = {
     "static": (SERVING, ()),  # experiments/engines.py
     "hf": (SERVING, ("torch_threads", "attn_implementation")),  # experiments/baselines/hf_generate.py
     "paged": (SERVING, ("prefix_cache_hit_rate", "cached_prompt_token_fraction")),  # experiments/paged_engine.py
-    "continuous": (SERVING, ("num_steps", "num_preemptions", "mean_seqs_per_step", "prefill_steps",
+    "continuous": (SERVING, ("num_steps", "num_preemptions", "padded_steps", "mean_seqs_per_step", "prefill_steps",
                              "decode_tokens_per_s", "inter_token_latency_p50_s",
                              "inter_token_latency_p95_s")),  # experiments/continuous_engine.py
     "llama-cpp": (SERVING, ("decode_tokens_per_s", "mean_seqs_per_step")),  # experiments/baselines/llama_cpp.py

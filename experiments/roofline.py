@@ -57,6 +57,8 @@ def gemm_gflops_torch(size: int, iterations: int) -> float | None:
 class GemmRooflineEngine:
     """Serves no requests: measures the GEMM speed and turns it into the model's decode bound."""
 
+    times_itself = True  # warms up and times each measurement inside serve: compiles there are not timed
+
     def __init__(self, model: models.Model, run_config, requests):
         del requests
         self.run_config, self.flops_per_token = run_config, matmul_flops_per_token(model.config)

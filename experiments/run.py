@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at
 
 
 import models  # noqa: E402
-from experiments.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from experiments.config import (ConfigError, ExperimentConfig, check_against_model, load_config,  # noqa: E402
+                                read_model_config)
 from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
 from experiments.compile_cache import default_cache_dir, enable_compilation_cache  # noqa: E402
 from experiments.engines import OptionalEngineMissing, build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, smoke=args.smoke)
+        check_against_model(config, read_model_config(config.model), source=str(args.config))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,9 +4,9 @@ rate, and the highest rate each run sustains below `latency_bound_s_per_token`.
 
 Runs are named `<run>@<rate>`; each run's untimed warm-up (all requests at once) happens once, at
 its first rate (the jit cache is shared in-process, so later rates reuse its programs). Poisson
-arrivals can still meet step shapes that warm-up never compiled: the timed replay then compiles
-them on its own clock (a real user pays those seconds too), and each run reports how many programs
-it compiled (`num_compilations`) so a reader can see which latencies include compiles.
+arrivals meet step shapes that warm-up never met: the continuous engine runs them on the padding of
+a compiled shape that covers them (`experiments/continuous_engine.py`), so a timed replay compiles
+nothing (the harness fails it otherwise) and reports how many steps ran padded (`padded_steps`).
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ def run_sweep(model, config, requests: list[Request],
     """Every run at every rate; `on_run(runs so far)` after each (the harness saves partial results)."""
     runs = []
     for run_config in config.runs:
+        engine = None
         for i, rate in enumerate(config.request_rates):
             timed = with_rate(requests, rate, config.workload.seed)
             name = f"{run_config.name}@{rate:g}"
-            warm_up = config.warmup and i == 0  # one warm-up per policy, after freeing earlier policies' programs
-            if warm_up:
-                drop_compiled_programs()
-            engine, build_s, build_watch = build_engine(model, run_config, timed)
-            trace = warm_up_and_serve(engine, timed, name, warm_up, build_s=build_s, build_watch=build_watch,
-                                      allow_timed_compiles=True)
+            build_s, build_watch = 0.0, None
+            if engine is None:  # one engine, built and warmed up once per run; later rates reuse its shapes
+                drop_compiled_programs()  # after freeing earlier runs' programs
+                engine, build_s, build_watch = build_engine(model, run_config, timed)
+            trace = warm_up_and_serve(engine, timed, name, config.warmup and i == 0, build_s=build_s,
+                                      build_watch=build_watch, allow_timed_compiles=not config.warmup)
             runs.append({"name": name, "config": {**run_config.model_dump(), "request_rate": rate},
                          "metrics": summarize(trace)})
             on_run(runs)

@@ -48,21 +48,22 @@ def bucket_size(n: int, minimum: int) -> int:
 
 
 def build_decode_indices(block_tables, context_lens, num_blocks: int, num_kv_heads: int,
-                         block_size: int = 16, chunk: int = CHUNK):
+                         block_size: int = 16, chunk: int = CHUNK, min_chunks: int = 1):
     """Host-side (numpy) index arrays for paged_decode_attention_cpu.
 
     Returns (pseq i32[P], qidx i32[P//chunk, chunk], rows i32[P//chunk, num_kv_heads*chunk]) for the
     pairs (s, j), j < (context_lens[s]-1)//block_size, i.e. all pages of each sequence but its last,
     in sequence order. pseq/qidx: the pair's sequence (padding: num_seqs, a dummy); rows: the flat
     cache row kv*num_blocks + block_tables[s, j] (kv-major inside a chunk; padding: block 0).
-    P = chunk * bucketed count, so only a few distinct shapes occur.
+    P = chunk * bucketed count (at least `min_chunks`, itself a bucket size: a caller padding to a
+    larger compiled shape asks for its length), so only a few distinct shapes occur.
     """
     bt = np.asarray(block_tables)
     ctx = np.asarray(context_lens).astype(np.int64)
     S = bt.shape[0]
     nfull = np.maximum((ctx - 1) // block_size, 0)
     total = int(nfull.sum())
-    nchunk = bucket_size(-(-total // chunk), 1)
+    nchunk = bucket_size(-(-total // chunk), min_chunks)
     P = nchunk * chunk
     seq = np.repeat(np.arange(S), nfull)
     j = np.arange(total) - np.repeat(np.cumsum(nfull) - nfull, nfull)

@@ -112,4 +112,4 @@ def swap_in_blocks(layer_caches: list[LayerCache], host_arrays: list[tuple[np.nd
     for hk, _ in host_arrays:
         if hk.shape[1] != block_ids.shape[0]:
             raise ValueError(f"host_arrays hold {hk.shape[1]} blocks but gpu_block_ids has {block_ids.shape[0]}")
-    return _scatter_blocks(layer_caches, [(jnp.asarray(hk), jnp.asarray(hv)) for hk, hv in host_arrays], block_ids)
+    return _scatter_blocks(layer_caches, [(jax.device_put(hk), jax.device_put(hv)) for hk, hv in host_arrays], block_ids)

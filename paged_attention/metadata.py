@@ -70,7 +70,7 @@ class PagedMetadata:
         decode_only = bool(n > 0 and np.all(query_lens == 1) and num_tokens == num_seqs)
         longest = int(query_lens.max()) if n else 1
         max_query_len = min(num_tokens, 1 << max(0, longest - 1).bit_length())  # bucketed: few compiles
-        return cls(jnp.asarray(slots), jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(starts),
+        return cls(jax.device_put(slots), jax.device_put(tables), jax.device_put(lens), jax.device_put(starts),
                    decode_only, max_query_len)
 
 
@@ -94,8 +94,10 @@ class PagedMetadata:
             tables.append(decode.block_tables)
             lens.append(decode.context_lens)
             slots.append(decode.slot_mapping)
-        return cls(jnp.concatenate(slots), jnp.concatenate(tables), jnp.concatenate(lens),
-                   prefill.query_start_loc, False, prefill.max_query_len, num_prefill_tokens, num_prefill_seqs)
+        # joined on the host and moved with device_put: jnp.concatenate, like jnp.asarray of a numpy
+        # array in jax 0.10, compiles a small program per new shape, which a frozen server must not do
+        joined = [jax.device_put(np.concatenate([np.asarray(a) for a in parts])) for parts in (slots, tables, lens)]
+        return cls(*joined, prefill.query_start_loc, False, prefill.max_query_len, num_prefill_tokens, num_prefill_seqs)
 
 
 jax.tree_util.register_dataclass(

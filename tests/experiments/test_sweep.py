@@ -55,9 +55,9 @@ def test_one_warm_up_per_run_then_one_replay_per_rate(tmp_path, monkeypatch):
     assert [r["name"] for r in result["runs"]] == ["continuous@30", "continuous@300", "chunked@30", "chunked@300"]
     for run in result["runs"]:
         m = run["metrics"]
-        assert m["num_compilations"] >= 0 and m["startup_s"] > 0
+        assert m["num_compilations"] == 0  # Poisson steps ran on compiled shapes (padded where needed)
         first_rate = run["name"].endswith("@30")
-        assert (m["startup_compilations"] > 0) == first_rate  # the warm-up compiles; later rates reuse it
+        assert (m["startup_compilations"] > 0) == (m["startup_s"] > 0) == first_rate  # later rates reuse it
     assert not (tmp_path / "results.partial.json").exists()
 
 
