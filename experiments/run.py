@@ -35,6 +35,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     model = models.load(config.model, dtype=config.dtype, random_weights=config.random_weights)
     requests = build_workload(config.workload, tokenizer=model.tokenizer, vocab_size=model.config.vocab_size)
+    load_s = time.perf_counter() - t0  # model and workload: before any engine's startup
     print(f"model {config.model} ({model.config.num_params() / 1e6:.1f}M params, {model.dtype}) loaded "
           f"in {time.perf_counter() - t0:.1f}s; workload: {describe(requests)}", file=sys.stderr)
     if config.request_rates:
@@ -61,7 +62,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
             run["metrics"]["same_tokens_fraction"] = agreement[run["name"]]["same_tokens_fraction"]
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,
               "dtype": config.dtype, "workload": {**config.workload.model_dump(), **describe(requests)},
-              "runs": runs, "claims": evaluate_claims(config, runs), "token_agreement": agreement}
+              "runs": runs, "claims": evaluate_claims(config, runs), "token_agreement": agreement,
+              "load_s": load_s}
     paths = write_results(out_dir, result)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(markdown_table(runs))

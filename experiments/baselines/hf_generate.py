@@ -2,9 +2,10 @@
 
 It holds exactly our model's weights (converted with `models.loading.to_transformers`), with
 transformers' default attention (SDPA) and torch using every core XLA uses (`torch.set_num_threads`),
-runs the same requests in the same static-batch policy, greedy, with every request forced to its
-workload output length (`min_new_tokens = max_new_tokens`; rows shorter than the batch's longest keep
-generating, as HF does). Prompts are left-padded with an attention mask, as HF expects. Its warm-up is
+runs the same requests in the same static-batch policy, greedy, with every request run to its
+workload output length: EOS is an ordinary token, as for our engines (`ignore_eos`), so HF neither
+stops at it nor suppresses it (`min_new_tokens` would mask EOS and change the tokens); rows shorter
+than the batch's longest keep generating, as HF does. Prompts are left-padded with an attention mask, as HF expects. Its warm-up is
 every engine's: one untimed pass over the workload. Its greedy tokens are recorded; the harness
 reports how many requests got the same tokens as our engines (informational: torch and XLA round
 differently, so near-ties in f32 may pick different tokens).
@@ -46,6 +47,7 @@ class HFGenerateEngine:
         self.batch_size, self.requests = run_config.batch_size, requests
         torch.set_num_threads(host_cores())
         self.hf_model = to_transformers(model.params, model.config)  # transformers' default attention
+        self.hf_model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, EOS included
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for the comparison)
         self.pad_id = model.config.eos_token_ids[0] if model.config.eos_token_ids else 0
         self.per_token_bytes = kv_bytes_per_token(model)  # HF runs in f32 like our default
@@ -57,8 +59,7 @@ class HFGenerateEngine:
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
         timer = _FirstTokenTimer()
         with torch.inference_mode():
-            out = self.hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new,
-                                         min_new_tokens=max_new, do_sample=False,
+            out = self.hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                                          pad_token_id=self.pad_id, streamer=timer)
         end = time.perf_counter()
         for row, r in enumerate(batch):
