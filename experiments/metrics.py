@@ -1,4 +1,4 @@
-"""Turn a run's trace into the metrics named in shared/DESIGN.md (units in the names)."""
+"""Turn a run's trace into the metrics named in docs/results.md (units in the names)."""
 
 from __future__ import annotations
 

@@ -211,14 +211,18 @@ class Renderer:
         return sweep_table(config, result["runs"])
 
     def summary(self, doc: Path) -> str:
-        """Every claim of every results file (paper vs ours, linked to its section), then a line
-        naming the experiments whose optional blocks still wait for a results file."""
+        """Every claim of every experiment's results file (paper vs ours, linked to its section),
+        then a line naming the experiments whose optional blocks still wait for a results file. A
+        folder not named after its experiment (another run of the same config, e.g. a warm start)
+        adds no rows: each claim appears once."""
         rows = []
         for path in sorted(self.results_dir.glob("*/results.json")):
-            name = path.parent.name
+            name, result = path.parent.name, json.loads(path.read_text())
+            if result.get("experiment") != name:
+                continue
             _, section_doc, anchor = self.sections.get(name, (None, None, ""))
             where = f"[{name}]({self.link(section_doc, doc)}#{anchor})" if section_doc else name
-            for c in json.loads(path.read_text()).get("claims", []):
+            for c in result.get("claims", []):
                 rows.append(f"| {c['claim']} | {c['source']} | {c['paper']} | {c['ours']:.3g} | {c['unit']} | {where} |")
         lines = (["| claim | source | paper | ours | unit | details |", "|---|---|---|---|---|---|", *rows]
                  if rows else ["No committed results with claims yet."])

@@ -1,4 +1,4 @@
-"""DESIGN.md's dependency direction, enforced by reading every module's imports with `ast`.
+"""The dependency direction (README, Layout), enforced by reading every module's imports with `ast`.
 
     experiments/, serving/ -> continuous_batching/ -> distributed/ -> models/
         -> paged_attention/, kernel_fusion/, quantization/ -> jax, numpy
@@ -35,7 +35,8 @@ HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
              "continuous_batching/sampling_params.py", "continuous_batching/scheduler.py",
              "continuous_batching/request.py", "continuous_batching/reservation.py",
              "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py",
-             "continuous_batching/beam_search.py")
+             "continuous_batching/beam_search.py", "continuous_batching/step_shapes.py",
+             "experiments/config_checks.py", "experiments/metric_names.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 
