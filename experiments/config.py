@@ -268,32 +268,11 @@ def _raise_problems(problems: list[tuple[str, str]], source: str) -> None:
 
 def check_against_model(config: ExperimentConfig, model_config, *, source: str = "<config>") -> None:
     """Raise ConfigError if the config asks more of the model than its config allows (a
-    `models.config.ModelConfig`, e.g. from `read_model_config`; None checks nothing): sequence
+    `models.config.ModelConfig`, e.g. from `experiments.model_source.read_model_config`; None
+    checks nothing): sequence
     lengths beyond its `max_position_embeddings`. The harness calls it before loading the weights."""
     if model_config is not None:
         _raise_problems(check_model_limits(config, model_config), f"{source} for model {config.model!r}")
-
-
-def read_model_config(source: str):
-    """The `models.config.ModelConfig` of a model source without loading its weights: a preset's
-    config, a HF checkpoint folder's config.json, or a .gguf file's metadata. None when the source is
-    none of these (`models.load` then names the problem)."""
-    from models.config import PRESETS, ModelConfig
-
-    if source in PRESETS:
-        return PRESETS[source]
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        import json
-
-        return ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
-    if path.suffix == ".gguf" and path.is_file():
-        import gguf
-
-        from models.gguf_loading import config_from_gguf
-
-        return config_from_gguf(gguf.GGUFReader(path), name=path.stem)
-    return None
 
 
 def load_config(path: str | Path, *, smoke: bool = False) -> ExperimentConfig:

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at
 
 
 import models  # noqa: E402
-from experiments.config import (ConfigError, ExperimentConfig, check_against_model, load_config,  # noqa: E402
-                                read_model_config)
+from experiments.config import ConfigError, ExperimentConfig, check_against_model, load_config  # noqa: E402
+from experiments.model_source import read_model_config  # noqa: E402
 from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
 from experiments.compile_cache import default_cache_dir, enable_compilation_cache  # noqa: E402
 from experiments.engines import OptionalEngineMissing, build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from experiments.config import ConfigError, check_against_model, parse_config, read_model_config
+from experiments.config import ConfigError, check_against_model, parse_config
+from experiments.model_source import read_model_config
 from experiments.metric_names import SWEEP_ENGINES
 
 WORKLOAD = {"kind": "alpaca", "num_requests": 3}
