@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from models.load_cache import cache_home
+
 ENV_VAR = "INFER_LAB_COMPILATION_CACHE"
 
 
@@ -22,8 +24,7 @@ def default_cache_dir() -> Path | None:
     value = os.environ.get(ENV_VAR)
     if value is not None:
         return None if value.strip().lower() == "off" else Path(value).expanduser()
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache_home / "infer-lab" / "jax"
+    return cache_home() / "infer-lab" / "jax"
 
 
 def enable_compilation_cache(cache_dir: Path | None) -> Path | None:

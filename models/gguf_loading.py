@@ -15,6 +15,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.llama import Params
+from models.load_cache import cached_state, cached_tokenizer, default_model_cache_dir, entry_dir
 from models.loading import CheckpointError, params_from_hf_state_dict
 
 # GGUF tensor name -> HF tensor name ({i} = layer index)
@@ -79,13 +80,28 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
-    """Read a GGUF file and dequantize every tensor into our params (f32 or bf16)."""
-    import gguf
-
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, cache: bool = True) -> tuple[ModelConfig, Params]:
+    """Read a GGUF file and dequantize every tensor into our params (f32 or bf16). With `cache`,
+    the dequantized tensors come from (or go to) the model cache (`models.load_cache`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    cache_dir = default_model_cache_dir() if cache else None
+    if cache_dir is None:
+        config, state = read_gguf_state(path)
+    else:
+        config, state = cached_state(entry_dir(cache_dir, path), lambda: read_gguf_state(path))
+    try:
+        params = params_from_hf_state_dict(state, config, dtype)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path.name}: {err}") from None
+    return config, params
+
+
+def read_gguf_state(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """The file's config and its tensors dequantized to f32, under HF names in HF `[out, in]` layout."""
+    import gguf
+
     reader = gguf.GGUFReader(path)
     config = config_from_gguf(reader, name=path.stem)
     state: dict[str, np.ndarray] = {}
@@ -100,11 +116,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
         elif hf_name.endswith("k_proj.weight"):
             array = unpermute_rope_rows(array, config.num_kv_heads)
         state[hf_name] = array
-    try:
-        params = params_from_hf_state_dict(state, config, dtype)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path.name}: {err}") from None
-    return config, params
+    return config, state
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -116,14 +128,23 @@ def _hf_name(gguf_name: str) -> str | None:
     return _GGUF_TO_HF.get(gguf_name)
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer (and chat template) stored in a GGUF file, via transformers, offline.
+def load_gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
+    """The tokenizer (and chat template) stored in a GGUF file, via transformers, offline; with
+    `cache`, converted once and then read from the model cache (`models.load_cache`).
 
     Returns None when the file carries no tokenizer (no `tokenizer.ggml.tokens`)."""
+    path = Path(path)
+    cache_dir = default_model_cache_dir() if cache else None
+    if cache_dir is None:
+        return convert_gguf_tokenizer(path)
+    return cached_tokenizer(entry_dir(cache_dir, path), lambda: convert_gguf_tokenizer(path))
+
+
+def convert_gguf_tokenizer(path: Path):
+    """transformers' conversion of the file's tokenizer into a fast tokenizer (None: it has none)."""
     import gguf
     from transformers import AutoTokenizer
 
-    path = Path(path)
     if "tokenizer.ggml.tokens" not in gguf.GGUFReader(path).fields:
         return None
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

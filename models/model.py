@@ -50,7 +50,9 @@ def load(source: str | Path, dtype: str = "float32", *, random_weights: bool = F
     source: a preset name (`"smollm2-135m"`: the real SmolLM2-135M-Instruct GGUF; `"tiny"`: random
     weights), a HF checkpoint folder (config.json + *.safetensors), or a `.gguf` file.
     random_weights: use seeded random weights of the preset's shape (benchmarks, tests).
-    tokenizer: also load the tokenizer when the source has one (takes a few seconds for GGUF).
+    tokenizer: also load the tokenizer when the source has one.
+    A GGUF file is converted once and then read from the model cache (`models.load_cache`;
+    `$INFER_LAB_MODEL_CACHE=off` turns it off).
     """
     from models.gguf_loading import load_gguf, load_gguf_tokenizer
     from models.loading import load_hf_checkpoint

@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("INFER_LAB_COMPILATION_CACHE", "off")  # harness runs in tests leave ~/.cache alone
+os.environ.setdefault("INFER_LAB_MODEL_CACHE", "off")  # every test converts its GGUF files afresh
 
 import numpy as np
 import pytest

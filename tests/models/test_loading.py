@@ -212,3 +212,40 @@ def test_gguf_round_trip(tmp_path, tiny_model, tied):
 def test_gguf_without_tokenizer_loads_with_tokenizer_none(tmp_path, tiny_model):
     path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config)
     assert models.load(path).tokenizer is None
+
+
+def test_gguf_model_cache_serves_the_second_load(tmp_path, tiny_model, monkeypatch):
+    """The first load fills the cache entry; the second reads it without parsing the file, and
+    gives the same config and params. A rewritten file (new size or time) is a new entry."""
+    import gguf
+
+    from models.load_cache import entry_dir
+
+    monkeypatch.setenv("INFER_LAB_MODEL_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config)
+    first = models.load(path)
+    entry = entry_dir(tmp_path / "cache", path)
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "no_tokenizer", "state.safetensors"]
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the cached load parsed the GGUF file")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parse)
+    second = models.load(path)
+    assert second.config == first.config == tiny_model.config.replace(name="tiny")
+    assert second.tokenizer is None
+    assert_params_equal(second.params, tiny_model.params)
+    monkeypatch.undo()
+    monkeypatch.setenv("INFER_LAB_MODEL_CACHE", str(tmp_path / "cache"))
+    write_gguf(path, {**tiny_model.params, "final_norm": tiny_model.params["final_norm"] * 2}, tiny_model.config)
+    assert entry_dir(tmp_path / "cache", path) != entry
+    assert_params_equal(models.load(path).params["final_norm"], tiny_model.params["final_norm"] * 2)
+
+
+def test_model_cache_off(monkeypatch):
+    from models.load_cache import default_model_cache_dir
+
+    monkeypatch.setenv("INFER_LAB_MODEL_CACHE", "off")
+    assert default_model_cache_dir() is None
+    monkeypatch.setenv("INFER_LAB_MODEL_CACHE", "/some/dir")
+    assert str(default_model_cache_dir()) == "/some/dir"

@@ -70,3 +70,23 @@ def test_perplexity_on_lee_corpus(smollm2):
     print(f"\nSmolLM2-135M (Q4_1 dequantized, f32) perplexity on gensim lee_background.cor: "
           f"{ppl:.2f} over {scored} tokens (8 windows of 512)")
     assert 5 < ppl < 40, ppl
+
+
+def test_cached_tokenizer_equals_the_converted_one(smollm2, tmp_path, monkeypatch):
+    """The tokenizer the model cache saves and reads back encodes, decodes and templates as
+    transformers' fresh GGUF conversion does (the `smollm2` fixture loads without the cache)."""
+    from models.gguf_loading import load_gguf_tokenizer
+
+    monkeypatch.setenv("INFER_LAB_MODEL_CACHE", str(tmp_path))
+    path = find_packaged_gguf("smollm2-135m")
+    load_gguf_tokenizer(path)  # converts and fills the cache
+    cached, fresh = load_gguf_tokenizer(path), smollm2.tokenizer
+    assert any(p.name == "tokenizer" for p in next(tmp_path.iterdir()).iterdir())
+    texts = ["Hello world, how are you?", "<|im_start|>user\nDéjà vu 1234\t  spaces<|im_end|>", "🙂 ünïcödé"]
+    for text in texts:
+        assert cached.encode(text) == fresh.encode(text)
+        assert cached.decode(fresh.encode(text)) == fresh.decode(fresh.encode(text))
+    assert len(cached) == len(fresh) and cached.all_special_tokens == fresh.all_special_tokens
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        fresh.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
