@@ -89,6 +89,10 @@ class PagedModelRunner:
         # (prefill tokens, prefill rows, decode rows, blocks, decode page pairs, prefill tile pairs)
         self.shapes_run: set[tuple[int, ...]] = set()
         self.shapes = ShapeSet()  # compiled step shapes; a server shares one across runners and freezes it
+        # Precompiling by a dry run of the scheduler: a step whose shape is already compiled is not
+        # run; each sequence "samples" its last new token again (the caller ignores EOS, or the
+        # dry run ends requests no later than a real one would)
+        self.dry_run = False
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -121,6 +125,8 @@ class PagedModelRunner:
             if cover is not None:  # run on a compiled shape's padding instead of compiling a new one
                 metadata, shape = self._metadata(ordered, num_prefill, cover)
                 self.shapes.padded_steps += 1
+        if self.dry_run and (shape, flags) in self.shapes.compiled and not flags.logprobs:
+            return StepResult([s.new_tokens[-1] for s in seqs], None)
         next_tokens, logprobs = self._run(ordered, num_prefill, metadata, shape, flags)
         back = [0] * len(seqs)  # original index -> row
         for position, i in enumerate(order):

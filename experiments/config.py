@@ -187,7 +187,11 @@ class ExperimentConfig(Strict):
     request_rates: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
     latency_bound_s_per_token: float = Field(default=1.0, gt=0)  # "sustained": mean normalized latency below this
     check_same_outputs: bool = False  # every run that records its tokens must give every request the same ones
-    warmup: bool = True  # untimed warm-up pass per run; False (correctness runs): compile time is timed
+    # what each run does before its clock starts (the same rule for every engine of the experiment):
+    # untimed_pass: serve the whole workload once, untimed; precompile: compile every program the
+    # workload reaches without serving it (engines that compile nothing do nothing); none
+    # (correctness runs): compile time is timed
+    warmup: Literal["untimed_pass", "precompile", "none"] = "untimed_pass"
 
     @field_validator("runs")
     @classmethod

@@ -16,6 +16,7 @@ Every check returns `(YAML path, message)` pairs, the message naming the allowed
 - sizes that can only fail later: a memory-sim budget below one request's reservation (the
   simulation would wait forever), a KV cache or swap space that is not whole blocks, a KV cache
   that cannot hold one request, a non-power-of-two `block_size` for the Pallas kernels
+- `warmup: precompile` only with engines that have a `precompile()` (`PRECOMPILE_ENGINES`)
 - `check_model_limits`: what needs the model's config (its context length), read before the weights
 
 Request lengths come from the workload's caps: a request has at most `max_prompt_len +
@@ -37,6 +38,10 @@ PAGED_POLICIES = ("continuous", "chunked_prefill")  # the policies on pages; the
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
 REPORT_GROUPS = (("static", "hf", "paged", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
                  ("memory_sim",), ("sharing_sim",), ("attention_bench",))
+
+
+# Engines with a `precompile()` (experiments/engines.py), which `warmup: precompile` calls.
+PRECOMPILE_ENGINES = ("static", "hf", "paged", "continuous", "llama-cpp")
 
 
 def check_config(config) -> list[Problem]:
@@ -106,6 +111,12 @@ def _top_level(config) -> Iterator[Problem]:
             yield (f"runs[{i}].engine", f"{run.engine!r} (run {run.name!r}) cannot share an experiment with "
                    f"{first.engine!r} (runs[0]): the results table and plot are one kind per experiment; allowed "
                    f"beside {first.engine!r}: {', '.join(group)}")
+    if config.warmup == "precompile":
+        for i, run in enumerate(config.runs):
+            if run.engine not in PRECOMPILE_ENGINES:
+                yield (f"runs[{i}].engine", f"run {run.name!r} (engine {run.engine!r}) cannot precompile; "
+                       f"with warmup: precompile allowed engines: {', '.join(PRECOMPILE_ENGINES)} (or set "
+                       "warmup: untimed_pass)")
     if config.request_rates is None:
         if "latency_bound_s_per_token" in config.model_fields_set:
             yield ("latency_bound_s_per_token", "applies only to a rate sweep (set request_rates too, or "

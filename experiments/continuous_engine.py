@@ -1,9 +1,10 @@
 """The continuous-batching engine in the harness: requests join `continuous_batching.Engine` as they
 arrive (real-time Poisson replay), one engine step at a time, under the run's scheduling policy.
 
-Timing follows the other engines: an untimed warm-up replays the whole workload at once (compiling
-the step shapes it needs), then the timed replay records each request's first-token and finish
-times on the wall clock; compiles are counted by the harness (`experiments.compile_watch`).
+Timing follows the other engines: the warm-up either replays the whole workload at once, untimed
+(`warmup`), or dry-runs the scheduler over it and runs the model once per new step shape
+(`precompile`); then the timed replay records each request's first-token and finish times on the
+wall clock; compiles are counted by the harness (`experiments.compile_watch`).
 
 Poisson arrivals mix prompts and decodes into step shapes an all-at-once replay never meets. So the
 warm-up also compiles, per kind of step, the envelope of every shape it met
@@ -15,9 +16,11 @@ server with a precompiled bucket grid does, and the run reports how many steps d
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 import models
 from continuous_batching.engine import Engine
@@ -52,7 +55,24 @@ class ContinuousServeEngine:
     def warmup(self) -> None:
         """Replay the workload at once, untimed; compile the envelope of its step shapes; freeze."""
         untimed_pass(self, self.requests, self.config.policy)
-        runner = self._engine().runner
+        self._compile_envelope_and_freeze(self._engine().runner)
+
+    def precompile(self) -> None:
+        """Compile every step shape the workload reaches without serving it: a dry run of the
+        engine on all requests at once, whose runner runs a step only when its shape is new (vLLM's
+        and JetStream's start-up compile their bucket grid; this grid is the one the scheduler
+        will visit). Then the envelope, and freeze."""
+        engine = self._engine()
+        engine.runner.dry_run = True
+        for r in self.requests:
+            engine.add_request(list(r.prompt), _sampling_params(r))
+        with tqdm(desc=f"precompile {self.config.policy}", unit="step", file=sys.stderr, leave=False) as bar:
+            while engine.has_unfinished():
+                engine.step()
+                bar.update()
+        self._compile_envelope_and_freeze(engine.runner)
+
+    def _compile_envelope_and_freeze(self, runner) -> None:
         for shape, flags in self.shapes.envelope():
             if (shape, flags) not in self.shapes.compiled:
                 runner.compile_shape(shape, flags)
@@ -83,8 +103,7 @@ class ContinuousServeEngine:
             now = time.perf_counter() - start
             while pending and pending[0].arrival_s <= now:
                 r = pending.pop(0)
-                params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-                by_engine_id[engine.add_request(list(r.prompt), params)] = r
+                by_engine_id[engine.add_request(list(r.prompt), _sampling_params(r))] = r
             step_start = time.perf_counter() - start
             outputs = engine.step()
             t = time.perf_counter() - start
@@ -121,3 +140,8 @@ class ContinuousServeEngine:
                                        "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
                                        "inter_token_latency_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
                                        "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0})
+
+
+def _sampling_params(r: Request) -> SamplingParams:
+    """Greedy, exactly the request's output length (EOS is an ordinary token)."""
+    return SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)

@@ -1,13 +1,16 @@
 """Engines the harness can run, behind one small interface, and the serving loop they share.
 
-An engine is built from `(model, run_config, requests)` and offers `warmup()` (untimed preparation)
-and `serve(requests, progress) -> RunTrace` (replay the arrivals in real time and record when each
-request got its first token and finished).
+An engine is built from `(model, run_config, requests)` and offers `warmup()` (untimed preparation),
+`precompile()` (compile what the workload needs, serve nothing) and `serve(requests, progress) ->
+RunTrace` (replay the arrivals in real time and record when each request got its first token and
+finished).
 
-The warm-up rule is the same for every engine that serves requests (ours, HF, llama.cpp): one
-untimed pass over the same workload, all requests at once (`untimed_pass`). Building the engine plus
-that pass is its startup, reported as `startup_s` beside the programs it compiled; the timed run
-that follows must compile nothing (`warm_up_and_serve` fails the run otherwise).
+The warm-up rule is the experiment's (`warmup` in its config) and the same for every engine that
+serves requests (ours, HF, llama.cpp): either one untimed pass over the same workload, all requests
+at once (`untimed_pass`), or a precompile of every program the workload reaches, which serves
+nothing (HF's and llama.cpp's have nothing to compile). Building the engine plus its warm-up is its
+startup, reported as `startup_s` beside the programs it compiled; the timed run that follows must
+compile nothing (`warm_up_and_serve` fails the run otherwise).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import models
-from models.static_batch import run_static_batch
+from models.static_batch import prompt_bucket, round_up, run_static_batch
 from models.sampling import SamplingConfig
 from experiments.compile_watch import CompiledWhileTimed, CompileWatch
 from experiments.workloads import Request
@@ -74,6 +77,7 @@ class OptionalEngineMissing(ImportError):
 
 class Engine(Protocol):
     def warmup(self) -> None: ...
+    def precompile(self) -> None: ...  # engines named in config_checks.PRECOMPILE_ENGINES
     def serve(self, requests: list[Request], progress: Callable[[int], None]) -> RunTrace: ...
 
 
@@ -142,13 +146,27 @@ class StaticEngine:
         self.greedy = SamplingConfig()
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
 
-    def _run(self, prompts, output_lens, row_ids):
+    def _run(self, prompts, output_lens, row_ids, max_decode_steps=None):
         return run_static_batch(self.model.params, self.model.config, prompts, output_lens,
                                 [self.greedy] * len(prompts), row_ids=row_ids, ignore_eos=True,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, max_decode_steps=max_decode_steps)
 
     def warmup(self) -> None:
         untimed_pass(self, self.requests, f"static b{self.batch_size}")
+
+    def precompile(self) -> None:
+        """Compile the programs of every batch the workload forms when it arrives at once: each
+        distinct (padded prompt length, cache length) runs its prefill and one decode step."""
+        arrived = sorted(self.requests, key=lambda r: r.arrival_s)
+        seen = set()
+        for start in range(0, len(arrived), self.batch_size):
+            batch = arrived[start:start + self.batch_size]
+            prompt_len = prompt_bucket(max(len(r.prompt) for r in batch))
+            key = (prompt_len, round_up(prompt_len + max(r.output_len for r in batch), 64))
+            if key not in seen:
+                seen.add(key)
+                self._run([list(r.prompt) for r in batch], [r.output_len for r in batch],
+                          [r.request_id for r in batch], max_decode_steps=1)
 
     def serve(self, requests, progress):
         def run_batch(batch: list[Request]) -> BatchOutcome:
@@ -177,20 +195,27 @@ def drop_compiled_programs() -> None:
     jax.clear_caches()
 
 
-def warm_up_and_serve(engine: Engine, requests: list[Request], name: str, warm_up: bool, *,
+def warm_up_and_serve(engine: Engine, requests: list[Request], name: str, warmup: str, *,
                       build_s: float = 0.0, build_watch: CompileWatch | None = None,
-                      allow_timed_compiles: bool = False) -> RunTrace:
-    """Warm `engine` up (untimed) if asked, then serve `requests` behind a progress bar. The trace
-    records the startup (`build_s`, the seconds it took to build the engine, plus the warm-up) and
-    the programs compiled in each part; a timed run that compiles raises `CompiledWhileTimed`
-    unless `allow_timed_compiles` (then its compile seconds stay in its clock, and are reported) or
-    the engine is a micro-benchmark that warms up and times each measurement itself (`times_itself`)
-    or counts memory, not seconds (`simulated`)."""
+                      allow_timed_compiles: bool | None = None) -> RunTrace:
+    """Warm `engine` up (untimed) as `warmup` says (`untimed_pass`: `engine.warmup()`; `precompile`:
+    `engine.precompile()`; `none`), then serve `requests` behind a progress bar. The trace records
+    the startup (`build_s`, the seconds it took to build the engine, plus the warm-up) and the
+    programs compiled in each part; a timed run that compiles raises `CompiledWhileTimed` unless
+    `allow_timed_compiles` (default: when `warmup` is `none`; its compile seconds then stay in its
+    clock, and are reported) or the engine is a micro-benchmark that warms up and times each
+    measurement itself (`times_itself`) or counts memory, not seconds (`simulated`)."""
+    if allow_timed_compiles is None:
+        allow_timed_compiles = warmup == "none"
     start = time.perf_counter()
     with CompileWatch() as startup:
-        if warm_up:
+        if warmup == "untimed_pass":
             engine.warmup()
-    warmup_s = time.perf_counter() - start if warm_up else 0.0
+        elif warmup == "precompile":
+            engine.precompile()
+        elif warmup != "none":
+            raise ValueError(f"warmup must be 'untimed_pass', 'precompile' or 'none', got {warmup!r}")
+    warmup_s = time.perf_counter() - start if warmup != "none" else 0.0
     with CompileWatch() as timed, tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr) as bar:
         trace = engine.serve(requests, bar.update)
     untimed = getattr(engine, "simulated", False) or getattr(engine, "times_itself", False)

@@ -14,7 +14,7 @@ import time
 import models
 from continuous_batching.model_runner import PagedModelRunner, SeqStep
 from paged_attention.block_manager import BlockManager
-from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches, untimed_pass
+from experiments.engines import BatchOutcome, at_once, kv_bytes_per_token, serve_static_batches, untimed_pass
 from experiments.workloads import Request
 
 
@@ -39,6 +39,19 @@ class PagedStaticEngine:
         passes vary in token count and longest prompt); then a fresh block manager, so the timed
         run starts with an empty prefix cache."""
         untimed_pass(self, self.requests, f"paged b{self.batch_size}")
+        self._forget_warm_up()
+
+    def precompile(self) -> None:
+        """Compile every shape the batches reach without running them: the same pass as `warmup`,
+        with a runner that runs a step only when its shape is new (`PagedModelRunner.dry_run`)."""
+        self.runner.dry_run = True
+        try:
+            self.serve(at_once(self.requests), lambda n: None)
+        finally:
+            self.runner.dry_run = False
+        self._forget_warm_up()
+
+    def _forget_warm_up(self) -> None:
         self.manager = BlockManager(self.manager.gpu.num_blocks, self.block_size,
                                     enable_prefix_caching=self.manager.enable_prefix_caching)
         self.prompt_tokens = self.cached_tokens = 0

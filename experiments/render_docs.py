@@ -9,7 +9,8 @@
 KIND is `table` (the runs table the harness prints, plus which runs gave the same tokens),
 `claims` (paper vs ours), `sweep` (normalized latency by request rate), `provenance` (one line:
 commit, date, jax, CPUs, command), `plot` (an image link to docs/results/NAME/ARG, default
-throughput_latency.png), or `summary` with NAME `all`: one row per claim of every results file,
+throughput_latency.png), `startup` (time to the first timed request, NAME's cold start beside the
+warm start in results file ARG), or `summary` with NAME `all`: one row per claim of every results file,
 linked to the doc section holding that experiment's claims or table, then the experiments still
 waiting for a results file.
 
@@ -35,7 +36,7 @@ import yaml
 
 from experiments.report import claims_table, markdown_table
 
-KINDS = ("table", "claims", "sweep", "provenance", "plot", "summary")
+KINDS = ("table", "claims", "sweep", "provenance", "plot", "startup", "summary")
 OPEN = re.compile(r"<!-- results: (?P<spec>[^>]*?) -->\n")
 CLOSE = "<!-- /results -->"
 FENCE = re.compile(r"^```.*?^```[^\n]*$", re.M | re.S)
@@ -158,6 +159,12 @@ class Renderer:
             return claims_table(result["claims"]) if result["claims"] else "No claims in this results file."
         if kind == "sweep":
             return self.sweep(name, result)
+        if kind == "startup":
+            warm = self.load(args[0]) if args else None
+            if warm is None:
+                raise RenderError(f"{doc}: '<!-- results: {spec} -->' needs ARG, the warm start's results "
+                                  f"file NAME under {self.rel_results}/")
+            return startup_table(result, warm)
         if kind == "plot":
             image = self.results_dir / name / (args[0] if args else "throughput_latency.png")
             if not image.is_file():
@@ -230,6 +237,22 @@ class Renderer:
             lines += ["", "No committed results yet for: " + ", ".join(
                 f"[{n}]({self.link(self.sections[n][1], doc)}#{self.sections[n][2]})" for n in self.missing) + "."]
         return "\n".join(lines)
+
+
+def startup_table(cold: dict, warm: dict) -> str:
+    """Seconds to the first timed request, cold start vs warm start: loading the model and the
+    workload (`load_s`), then each run as if it ran first (`load_s` + its `startup_s`). The first
+    run's row is the job's own first timed request."""
+    rows = [("load (model + workload)", cold["load_s"], warm["load_s"])]
+    warm_runs = {run["name"]: run["metrics"] for run in warm["runs"]}
+    for i, run in enumerate(cold["runs"]):
+        if run["name"] in warm_runs:
+            label = f"load + `{run['name']}` startup" + (" (the job's first timed request)" if i == 0 else "")
+            rows.append((label, cold["load_s"] + run["metrics"]["startup_s"],
+                         warm["load_s"] + warm_runs[run["name"]]["startup_s"]))
+    lines = ["| seconds to | cold start | warm start | cold / warm |", "|---|---|---|---|"]
+    lines += [f"| {label} | {c:.1f} | {w:.1f} | {c / w:.1f}x |" for label, c, w in rows]
+    return "\n".join(lines)
 
 
 def render_text(text: str, doc: Path, renderer: Renderer) -> str:

@@ -1,8 +1,8 @@
 """`python -m experiments.run CONFIG.yaml [--out DIR] [--smoke]`: run every configured engine on
 the same workload in one process, print a markdown table, write results.json/.csv and a PNG.
 
-Every engine gets the same startup (built, then one untimed pass over the workload) and its timed
-run must compile nothing. Runs that record their tokens are compared with the first of our own
+Every engine gets the same startup (built, then the config's `warmup`: one untimed pass over the
+workload, or a precompile of every program it reaches) and its timed run must compile nothing. Runs that record their tokens are compared with the first of our own
 engines that does: the share of requests with identical tokens is reported per run, and with
 `check_same_outputs: true` a mismatch among our engines fails the command (other frameworks, HF
 and llama.cpp, are compared for information only)."""
@@ -49,7 +49,7 @@ def run_experiment(config: ExperimentConfig, out_dir: Path) -> dict:
             print(f"skipping run {run_config.name!r}: {err}", file=sys.stderr)
             continue
         trace = warm_up_and_serve(engine, requests, run_config.name, config.warmup, build_s=build_s,
-                                  build_watch=build_watch, allow_timed_compiles=not config.warmup)
+                                  build_watch=build_watch)
         if getattr(engine, "outputs", None):
             outputs[run_config.name] = dict(engine.outputs)
             if getattr(engine, "informational_outputs", False):

@@ -46,8 +46,8 @@ def run_sweep(model, config, requests: list[Request],
             if engine is None:  # one engine, built and warmed up once per run; later rates reuse its shapes
                 drop_compiled_programs()  # after freeing earlier runs' programs
                 engine, build_s, build_watch = build_engine(model, run_config, timed)
-            trace = warm_up_and_serve(engine, timed, name, config.warmup and i == 0, build_s=build_s,
-                                      build_watch=build_watch, allow_timed_compiles=not config.warmup)
+            trace = warm_up_and_serve(engine, timed, name, config.warmup if i == 0 else "none", build_s=build_s,
+                                      build_watch=build_watch, allow_timed_compiles=config.warmup == "none")
             runs.append({"name": name, "config": {**run_config.model_dump(), "request_rate": rate},
                          "metrics": summarize(trace)})
             on_run(runs)

@@ -78,13 +78,16 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
                      max_new_tokens: list[int], sampling: list[SamplingConfig], *,
                      row_ids: list[int] | None = None, ignore_eos: bool = False,
                      batch_size: int | None = None, max_len: int | None = None,
-                     on_step: Callable[[], None] | None = None) -> BatchResult:
+                     on_step: Callable[[], None] | None = None,
+                     max_decode_steps: int | None = None) -> BatchResult:
     """Generate for one static batch; every row runs until the longest row is done.
 
     prompts: token ids per row; max_new_tokens / sampling: per row. row_ids name each row's PRNG
     stream (default 0..n-1), so a request's samples do not depend on which batch it landed in.
     batch_size / max_len: reserve a fixed `[batch_size, max_len]` cache (FasterTransformer-style,
     one shape for every batch) instead of the smallest bucket that fits this batch.
+    max_decode_steps: stop after that many decode steps (every decode step of a batch runs the same
+    program, so one step is enough to compile them all).
     """
     _validate(prompts, max_new_tokens, sampling, config)
     n = len(prompts)
@@ -131,7 +134,7 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
         held_tokens += sum(len(p) + len(o) for p, o in zip(prompts, outputs))
         if on_step is not None:
             on_step()
-        if done.all():
+        if done.all() or step == max_decode_steps:
             break
         step += 1
         step_array = jnp.full(batch, step, jnp.int32)

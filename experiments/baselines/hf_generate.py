@@ -76,6 +76,9 @@ class HFGenerateEngine:
     def warmup(self) -> None:
         untimed_pass(self, self.requests, f"hf b{self.batch_size}")
 
+    def precompile(self) -> None:
+        """Nothing to compile: torch runs `generate` eagerly (HF's default; no torch.compile)."""
+
     def serve(self, requests, progress):
         trace = serve_static_batches(requests, self.batch_size, self._generate, progress)
         trace.extra_metrics["torch_threads"] = torch.get_num_threads()

@@ -91,6 +91,9 @@ class LlamaCppEngine:
     def warmup(self) -> None:
         untimed_pass(self, self.requests, "llama.cpp")
 
+    def precompile(self) -> None:
+        """Nothing to compile: llama.cpp's kernels are built ahead of time; the model loaded at build."""
+
     def serve(self, requests: list[Request], progress) -> RunTrace:
         records, decode_s, decode_tokens, prefill_s = [], 0.0, 0, 0.0
         start = time.perf_counter()

@@ -20,9 +20,9 @@ def test_hf_baseline_uses_its_defaults_and_matches_our_tokens():
     eos = models.generate(model, [[5, 6, 7]], max_new_tokens=3, ignore_eos=True)[0][2]
     model = dataclasses.replace(model, config=model.config.replace(eos_token_ids=(eos,)))
     hf = make_engine(model, HFRunConfig(name="hf", engine="hf", batch_size=2), requests)
-    trace = warm_up_and_serve(hf, requests, "hf", warm_up=True)
+    trace = warm_up_and_serve(hf, requests, "hf", warmup="untimed_pass")
     assert trace.extra_metrics["attn_implementation"] == "sdpa" and torch.get_num_threads() == host_cores()
     ours = make_engine(model, StaticRunConfig(name="s", engine="static", batch_size=2), requests)
-    warm_up_and_serve(ours, requests, "s", warm_up=True)
+    warm_up_and_serve(ours, requests, "s", warmup="untimed_pass")
     assert eos in ours.outputs[0]
     assert hf.outputs == ours.outputs and [len(hf.outputs[i]) for i in range(3)] == [40, 25, 33]

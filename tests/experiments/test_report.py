@@ -180,3 +180,19 @@ def test_markers_inside_code_fences_are_examples(tmp_path):
     root = _repo(tmp_path, text)
     assert _render(root, "--check") == 0 and _render(root) == 0
     assert (root / "README.md").read_text() == text
+
+
+def test_startup_block_puts_cold_beside_warm(tmp_path, capsys):
+    def result(load_s, startups):
+        runs = [{"name": n, "config": {}, "metrics": {"startup_s": s}} for n, s in startups.items()]
+        return {**_result(), "runs": runs, "load_s": load_s}
+
+    root = _repo(tmp_path, "<!-- results: cold startup warm -->\n<!-- /results -->\n",
+                 results={"cold": result(20.0, {"hf": 5.0, "ours": 70.0}), "warm": result(4.0, {"hf": 5.0, "ours": 11.0})})
+    assert _render(root) == 0
+    text = (root / "README.md").read_text()
+    assert "| load (model + workload) | 20.0 | 4.0 | 5.0x |" in text
+    assert "| load + `hf` startup (the job's first timed request) | 25.0 | 9.0 | 2.8x |" in text
+    assert "| load + `ours` startup | 90.0 | 15.0 | 6.0x |" in text
+    (root / "README.md").write_text("<!-- results: cold startup -->\n<!-- /results -->\n")
+    assert _render(root, "--check") == 2 and "needs ARG" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_static_engine_outputs_exact_lengths_and_counts_waste(tmp_path):
     model = models.load("tiny")
     requests = [Request(0, (5, 6, 7), 3, 0.0), Request(1, (8,) * 20, 9, 0.0), Request(2, (9, 9), 1, 0.0)]
     engine = make_engine(model, StaticRunConfig(name="s", engine="static", batch_size=4), requests)
-    trace = warm_up_and_serve(engine, requests, "s", warm_up=True)  # raises if the timed part compiled
+    trace = warm_up_and_serve(engine, requests, "s", warmup="untimed_pass")  # raises if the timed part compiled
     assert len(trace.records) == 3 and sorted(engine.outputs) == [0, 1, 2]
     assert [len(engine.outputs[i]) for i in range(3)] == [3, 9, 1]
     assert trace.generated_tokens == 4 * 9  # 4 padded rows x the longest output

@@ -103,11 +103,11 @@ def test_a_timed_run_that_compiles_fails_and_a_warmed_up_one_compiles_nothing():
     run_config = parse_config(SWEEP).runs[0]
     drop_compiled_programs()  # whatever ran before in this process, this run compiles its shapes
     with pytest.raises(CompiledWhileTimed, match="compiled .* program"):
-        warm_up_and_serve(make_engine(model, run_config, requests), requests, "cold", warm_up=False)
+        warm_up_and_serve(make_engine(model, run_config, requests), requests, "cold", warmup="none",
+                          allow_timed_compiles=False)
     drop_compiled_programs()
-    trace = warm_up_and_serve(make_engine(model, run_config, requests), requests, "warm", warm_up=True)
+    trace = warm_up_and_serve(make_engine(model, run_config, requests), requests, "warm", warmup="untimed_pass")
     assert trace.num_compilations == 0 and trace.startup_compilations > 0
     assert trace.startup_s >= trace.warmup_s > 0 and trace.startup_compile_s > 0
-    cold = warm_up_and_serve(make_engine(model, run_config, requests), requests, "allowed", warm_up=False,
-                             allow_timed_compiles=True)
+    cold = warm_up_and_serve(make_engine(model, run_config, requests), requests, "allowed", warmup="none")
     assert cold.num_compilations == 0  # the same shapes: compiled by the warm-up above
