@@ -61,7 +61,8 @@ class ContinuousServeEngine:
         """Compile every step shape the workload reaches without serving it: a dry run of the
         engine on all requests at once, whose runner runs a step only when its shape is new (vLLM's
         and JetStream's start-up compile their bucket grid; this grid is the one the scheduler
-        will visit). Then the envelope, and freeze."""
+        will visit). When requests arrive over time, also the envelope (an offline run meets
+        exactly the dry run's shapes). Then freeze."""
         engine = self._engine()
         engine.runner.dry_run = True
         for r in self.requests:
@@ -70,7 +71,10 @@ class ContinuousServeEngine:
             while engine.has_unfinished():
                 engine.step()
                 bar.update()
-        self._compile_envelope_and_freeze(engine.runner)
+        if all(r.arrival_s == 0 for r in self.requests):
+            self.shapes.frozen = True
+        else:
+            self._compile_envelope_and_freeze(engine.runner)
 
     def _compile_envelope_and_freeze(self, runner) -> None:
         for shape, flags in self.shapes.envelope():

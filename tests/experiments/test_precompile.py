@@ -102,3 +102,23 @@ def test_static_max_decode_steps_stops_early(tiny_model):
                               ignore_eos=True, max_decode_steps=1)
     assert result.decode_steps == 1 and len(result.tokens[0]) == 2
     assert models.generate(tiny_model, [[5, 6, 7]], 9, ignore_eos=True)[0][:2] == result.tokens[0]
+
+
+def test_continuous_precompile_adds_the_envelope_only_for_arrivals_over_time(tiny_model):
+    """Offline, the dry run meets exactly the timed run's shapes; with arrivals spread in time the
+    timed run mixes steps differently, so the envelope is compiled too and steps pad up to it."""
+    import dataclasses
+
+    compiled = {}
+    for label, requests in [("offline", REQUESTS),
+                            ("spread", [dataclasses.replace(r, arrival_s=0.02 * r.request_id) for r in REQUESTS])]:
+        drop_compiled_programs()
+        engine = make_engine(tiny_model, _run_config("continuous", "precompile"), requests)
+        engine.precompile()
+        compiled[label] = engine.shapes.compiled
+        assert engine.shapes.frozen
+        if label == "spread":
+            assert all(envelope in engine.shapes.compiled for envelope in engine.shapes.envelope())
+        trace = warm_up_and_serve(engine, requests, label, "none", allow_timed_compiles=False)
+        assert trace.num_compilations == 0
+    assert len(compiled["spread"]) > len(compiled["offline"])
