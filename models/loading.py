@@ -151,7 +151,9 @@ def to_transformers(params: Params, config: ModelConfig, attn_implementation: st
 
     with no_init_weights():  # every weight is loaded below: skip the random init (~2 s for 135M)
         hf_model = LlamaForCausalLM(config.to_hf(attn_implementation)).eval()
-    state = {k: torch.tensor(v) for k, v in params_to_hf_state_dict(params, config).items()}
+    # the transposed matrices are fresh host copies: torch takes them without copying again
+    state = {k: torch.from_numpy(v) if v.flags.writeable else torch.tensor(v)
+             for k, v in params_to_hf_state_dict(params, config).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
