@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable, Protocol
@@ -114,11 +113,6 @@ def serve_static_batches(requests: list[Request], batch_size: int,
         progress(len(batch))
     return RunTrace(records, time.perf_counter() - start, alloc_peak, used_peak, weighted_util / busy_s,
                     generated, prefill_s)
-
-
-def host_cores() -> int:
-    """CPU cores this process may run on: XLA's CPU thread pool uses them all, and so must torch."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def at_once(requests: list[Request]) -> list[Request]:
@@ -255,6 +249,10 @@ def make_engine(model: models.Model, run_config, requests: list[Request]) -> Eng
         from experiments.continuous_engine import ContinuousServeEngine
 
         return ContinuousServeEngine(model, run_config, requests)
+    if run_config.engine == "llama-cpp" and run_config.parallel > 1:
+        from experiments.baselines.llama_cpp_parallel import LlamaCppParallelEngine
+
+        return LlamaCppParallelEngine(model, run_config, requests)
     if run_config.engine == "llama-cpp":
         from experiments.baselines.llama_cpp import LlamaCppEngine
 

@@ -76,13 +76,17 @@ def _jax_devices() -> tuple[str | None, list[str]]:
         return None, []
 
 
+def host_cores() -> int:
+    """CPU cores this process may run on: XLA's CPU thread pool uses them all (not the machine's
+    count), and so must torch and llama.cpp in the baselines."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def collect_provenance() -> dict:
     """The provenance object for a results file written now, by this process."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     backend, devices = _jax_devices()
-    # XLA CPU sizes its thread pool by the CPUs this process may run on, not the machine's count
-    xla_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "git_commit": commit,
         "git_commit_short": commit[:7] if commit else None,
@@ -92,7 +96,7 @@ def collect_provenance() -> dict:
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
         "cpu_count": os.cpu_count(),
-        "xla_cpu_count": xla_cpus,
+        "xla_cpu_count": host_cores(),
         "cpu_model": _cpu_model(),
         "jax_backend": backend,
         "jax_devices": devices,

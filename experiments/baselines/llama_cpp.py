@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import models
-from experiments.engines import (OptionalEngineMissing, RequestRecord, RunTrace, host_cores, kv_bytes_per_token,
+from experiments.provenance import host_cores
+from experiments.engines import (OptionalEngineMissing, RequestRecord, RunTrace, kv_bytes_per_token,
                                  untimed_pass)
 from experiments.workloads import Request
 

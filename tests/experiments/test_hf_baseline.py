@@ -7,7 +7,8 @@ import dataclasses
 
 import models
 from experiments.config import HFRunConfig, StaticRunConfig
-from experiments.engines import host_cores, make_engine, warm_up_and_serve
+from experiments.engines import make_engine, warm_up_and_serve
+from experiments.provenance import host_cores
 from experiments.workloads import Request
 
 
