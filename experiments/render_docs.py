@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import yaml
 
-from experiments.report import claims_table, markdown_table
+from experiments.report import agreement_lines, claims_table, markdown_table
 
 KINDS = ("table", "claims", "sweep", "provenance", "plot", "startup", "summary")
 OPEN = re.compile(r"<!-- results: (?P<spec>[^>]*?) -->\n")
@@ -178,10 +178,7 @@ class Renderer:
         `token_agreement` (per run: requests with the reference run's tokens) or the older
         `same_outputs` (per run: all the same or not); empty when the file records neither."""
         if result.get("token_agreement"):
-            lines = [f"- `{name}`: {a['same_requests']}/{a['num_requests']} requests with the same tokens as "
-                     f"`{a['reference']}`" + (" (informational: another framework)" if a.get("informational") else "")
-                     for name, a in result["token_agreement"].items()]
-            return "\n\n" + "\n".join(lines)
+            return "\n\n" + agreement_lines(result["token_agreement"])
         if result.get("same_outputs"):
             first = next(iter(result["same_outputs"]))
             cells = ", ".join(f"`{run}` {'yes' if same else 'NO'}" for run, same in result["same_outputs"].items())

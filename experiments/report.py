@@ -140,6 +140,14 @@ def claims_table(claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def agreement_lines(agreement: dict[str, dict]) -> str:
+    """One markdown bullet per run: its requests with the reference run's tokens (`token_agreement`
+    of results.json); printed under the runs table and rendered under it in the docs."""
+    return "\n".join(f"- `{name}`: {a['same_requests']}/{a['num_requests']} requests with the same tokens as "
+                     f"`{a['reference']}`" + (" (informational: another framework)" if a.get("informational") else "")
+                     for name, a in agreement.items())
+
+
 def write_results(out_dir: Path, result: dict) -> list[Path]:
     """results.json, results.csv and throughput_latency.png under out_dir; returns the paths.
     Adds `result["provenance"]` (commit, date, command, versions, CPUs) unless it is already set."""

@@ -26,7 +26,7 @@ from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
 from experiments.compile_cache import default_cache_dir, enable_compilation_cache  # noqa: E402
 from experiments.engines import OptionalEngineMissing, build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
-from experiments.report import claims_table, markdown_table, write_results  # noqa: E402
+from experiments.report import agreement_lines, claims_table, markdown_table, write_results  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
 
 
@@ -123,16 +123,6 @@ def token_agreement(outputs: dict[str, dict[int, list[int]]], informational: set
                            "same_tokens_fraction": same / max(1, len(expected)),
                            "informational": name in informational}
     return agreement
-
-
-def agreement_lines(agreement: dict[str, dict]) -> str:
-    """One line per run: requests with the reference run's tokens."""
-    lines = []
-    for name, a in agreement.items():
-        note = " (informational: another framework)" if a["informational"] else ""
-        lines.append(f"{name}: {a['same_requests']}/{a['num_requests']} requests with the same tokens as "
-                     f"{a['reference']!r}{note}")
-    return "\n".join(lines)
 
 
 def evaluate_claims(config: ExperimentConfig, runs: list[dict]) -> list[dict]:

@@ -157,7 +157,7 @@ def test_check_same_outputs_fails_the_command_on_a_mismatch(tmp_path, monkeypatc
     path.write_text(yaml.safe_dump(_two_static_runs(check)))
     assert main([str(path), "--out", str(tmp_path)]) == (1 if check else 0)
     captured = capsys.readouterr()
-    assert "b4: 2/3 requests with the same tokens as 'b2'" in captured.out
+    assert "- `b4`: 2/3 requests with the same tokens as `b2`" in captured.out
     assert ("check_same_outputs: runs ['b4']" in captured.err) == check
     result = json.loads((tmp_path / "results.json").read_text())  # written before the check fails
     assert result["token_agreement"]["b4"]["same_requests"] == 2
