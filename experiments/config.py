@@ -138,12 +138,16 @@ class ContinuousRunConfig(Strict):
 
 
 class LlamaCppRunConfig(Strict):
-    """Baseline: llama.cpp (llama-cpp-python, optional extra) at batch 1 on the model's GGUF weights
-    written as F32 (experiments/baselines/llama_cpp.py)."""
+    """Baseline: llama.cpp (llama-cpp-python, optional extra) on the model's GGUF weights written as
+    F32, at batch 1 (experiments/baselines/llama_cpp.py) or with `parallel` slots
+    (experiments/baselines/llama_cpp_parallel.py)."""
 
     name: str
     engine: Literal["llama-cpp"]
     n_threads: int | None = Field(default=None, gt=0)  # None: every core
+    # sequences decoded together (llama-server -np N: experiments/baselines/llama_cpp_parallel.py);
+    # 1: one request at a time
+    parallel: int = Field(default=1, ge=1, le=512)
 
 
 class GemmRooflineRunConfig(Strict):

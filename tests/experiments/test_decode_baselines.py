@@ -68,3 +68,51 @@ def test_matmul_flops_per_token_counts_every_matmul_weight_twice():
     config = PRESETS["smollm2-135m"]
     norms = (2 * config.num_layers + 1) * config.hidden_size
     assert matmul_flops_per_token(config) == 2 * (config.num_params() - norms) == 268_959_744
+
+
+def test_llama_cpp_parallel_slots_give_the_batch1_tokens(tiny_model, tmp_path):
+    """llama-server -np N style decoding: several slots share each llama_decode, prompts longer than
+    a batch are read in chunks, a finished slot frees its cells for the next request, and every
+    request gets the tokens llama.cpp gives it alone (and the tokens our engine gives it)."""
+    pytest.importorskip("llama_cpp")  # optional extra; only checked where it is installed
+    from experiments.baselines import llama_cpp_parallel
+    from experiments.engines import warm_up_and_serve
+    from experiments.workloads import Request
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config, toy_vocab=True)
+    model = models.load(path, tokenizer=False)
+    requests = [Request(i, tuple(int(t) for t in np.random.default_rng(i).integers(3, 200, n)), out, 0.0)
+                for i, (n, out) in enumerate([(5, 7), (40, 3), (9, 12), (3, 1), (22, 6)])]
+    runs = {"b1": {}, "np2": {"parallel": 2}, "np4": {"parallel": 4}}
+    outputs = {}
+    for name, extra in runs.items():
+        config = parse_config({"experiment": "x", "model": "tiny", "workload": {"kind": "alpaca", "num_requests": 1},
+                               "runs": [{"name": name, "engine": "llama-cpp", **extra}]})
+        engine = make_engine(model, config.runs[0], requests)
+        assert isinstance(engine, llama_cpp_parallel.LlamaCppParallelEngine) == bool(extra)
+        trace = warm_up_and_serve(engine, requests, name, "untimed_pass")
+        assert sorted(r.request_id for r in trace.records) == list(range(5))
+        outputs[name] = dict(engine.outputs)
+        if extra:
+            assert trace.extra_metrics["mean_seqs_per_step"] > 1
+    assert outputs["np2"] == outputs["b1"] and outputs["np4"] == outputs["b1"]
+    assert [len(outputs["b1"][r.request_id]) for r in requests] == [r.output_len for r in requests]
+    ours = {r.request_id: models.generate(model, [list(r.prompt)], r.output_len, ignore_eos=True)[0] for r in requests}
+    assert ours == outputs["b1"]
+
+
+def test_llama_cpp_parallel_chunks_long_prompts(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from experiments.baselines import llama_cpp_parallel
+    from experiments.workloads import Request
+
+    monkeypatch.setattr(llama_cpp_parallel, "N_BATCH", 16)  # prompts of 40 tokens take 3 batches
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config, toy_vocab=True)
+    model = models.load(path, tokenizer=False)
+    requests = [Request(i, tuple(range(3 + i, 43 + i)), 4, 0.0) for i in range(3)]
+    config = parse_config({"experiment": "x", "model": "tiny", "workload": {"kind": "alpaca", "num_requests": 1},
+                           "runs": [{"name": "p", "engine": "llama-cpp", "parallel": 2}]})
+    engine = make_engine(model, config.runs[0], requests)
+    engine.serve(requests, lambda n: None)
+    ours = {r.request_id: models.generate(model, [list(r.prompt)], 4, ignore_eos=True)[0] for r in requests}
+    assert engine.outputs == ours
