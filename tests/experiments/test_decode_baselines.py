@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import gguf
+import jax
 import numpy as np
 import pytest
 
@@ -70,6 +71,16 @@ def test_matmul_flops_per_token_counts_every_matmul_weight_twice():
     assert matmul_flops_per_token(config) == 2 * (config.num_params() - norms) == 268_959_744
 
 
+def _llama_cpp_loadable_tiny(tmp_path) -> models.Model:
+    """The tiny shape with head_dim = hidden / heads (llama.cpp rotates whole heads), seeded weights
+    large enough that greedy picks are far from ties, as a GGUF file, loaded back."""
+    from models.llama import init_params
+
+    config = PRESETS["tiny"].replace(head_dim=PRESETS["tiny"].hidden_size // PRESETS["tiny"].num_heads)
+    params = jax.tree_util.tree_map(lambda x: x * 4 if x.ndim == 2 else x, init_params(config, seed=0))
+    return models.load(write_gguf(tmp_path / "tiny.gguf", params, config, toy_vocab=True), tokenizer=False)
+
+
 def test_llama_cpp_parallel_slots_give_the_batch1_tokens(tiny_model, tmp_path):
     """llama-server -np N style decoding: several slots share each llama_decode, prompts longer than
     a batch are read in chunks, a finished slot frees its cells for the next request, and every
@@ -79,8 +90,7 @@ def test_llama_cpp_parallel_slots_give_the_batch1_tokens(tiny_model, tmp_path):
     from experiments.engines import warm_up_and_serve
     from experiments.workloads import Request
 
-    path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config, toy_vocab=True)
-    model = models.load(path, tokenizer=False)
+    model = _llama_cpp_loadable_tiny(tmp_path)
     requests = [Request(i, tuple(int(t) for t in np.random.default_rng(i).integers(3, 200, n)), out, 0.0)
                 for i, (n, out) in enumerate([(5, 7), (40, 3), (9, 12), (3, 1), (22, 6)])]
     runs = {"b1": {}, "np2": {"parallel": 2}, "np4": {"parallel": 4}}
@@ -107,8 +117,7 @@ def test_llama_cpp_parallel_chunks_long_prompts(tiny_model, tmp_path, monkeypatc
     from experiments.workloads import Request
 
     monkeypatch.setattr(llama_cpp_parallel, "N_BATCH", 16)  # prompts of 40 tokens take 3 batches
-    path = write_gguf(tmp_path / "tiny.gguf", tiny_model.params, tiny_model.config, toy_vocab=True)
-    model = models.load(path, tokenizer=False)
+    model = _llama_cpp_loadable_tiny(tmp_path)
     requests = [Request(i, tuple(range(3 + i, 43 + i)), 4, 0.0) for i in range(3)]
     config = parse_config({"experiment": "x", "model": "tiny", "workload": {"kind": "alpaca", "num_requests": 1},
                            "runs": [{"name": "p", "engine": "llama-cpp", "parallel": 2}]})

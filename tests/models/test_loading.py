@@ -163,6 +163,7 @@ def write_gguf(path, params, config, *, matrix_dtype=np.float32, file_type=None,
     if toy_vocab:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+        writer.add_token_merges(["t 0"])  # llama.cpp refuses a BPE vocab without merges
     for name, array in params_to_hf_state_dict(params, config).items():
         if name.startswith("model.layers."):
             _, _, i, *rest = name.split(".")
