@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -30,28 +31,34 @@ def package_file(package: str, relative: str) -> Path:
 
 
 def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[dict]:
-    """Yield the objects of a top-level JSON array one by one; stop quietly at a truncated tail."""
+    """Yield the objects of a top-level JSON array one by one; stop quietly at a truncated tail.
+    Reads `chunk_chars` at a time and decodes in place (an offset into the buffer, not a copy of
+    its rest per record)."""
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8") as f:
-        buffer, eof = f.read(chunk_chars).lstrip(), False
-        if not buffer.startswith("["):
+        buffer, eof = f.read(chunk_chars), False
+        pos = _SPACE.match(buffer).end()
+        if not buffer.startswith("[", pos):
             raise ValueError(f"{path} is not a JSON array")
-        buffer = buffer[1:]
+        pos += 1
         while True:
-            buffer = buffer.lstrip().lstrip(",").lstrip()
-            if buffer.startswith("]"):
+            pos = _SEPARATOR.match(buffer, pos).end()
+            if buffer.startswith("]", pos):
                 return
             try:
-                obj, end = decoder.raw_decode(buffer)
+                obj, pos = decoder.raw_decode(buffer, pos)
             except json.JSONDecodeError:
                 if eof:
                     return  # the truncated last record
                 more = f.read(chunk_chars)
                 eof = not more
-                buffer += more
+                buffer, pos = buffer[pos:] + more, 0
                 continue
             yield obj
-            buffer = buffer[end:]
+
+
+_SPACE = re.compile(r"\s*")
+_SEPARATOR = re.compile(r"[\s,]*")  # whitespace and the commas between records
 
 
 @functools.lru_cache(maxsize=1)

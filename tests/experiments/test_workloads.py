@@ -21,6 +21,10 @@ def test_iter_json_array_stops_at_truncated_tail(tmp_path):
     assert got == records[:-1]
     path.write_text(full)
     assert list(iter_json_array(path, chunk_chars=777)) == records
+    path.write_text("\n " + json.dumps(records, indent=2) + "\n")  # whitespace around records and commas
+    assert list(iter_json_array(path, chunk_chars=777)) == records
+    path.write_text("  [ ]")
+    assert list(iter_json_array(path)) == []
 
 
 def test_sharegpt_file_parses():
