@@ -59,8 +59,19 @@ class LlamaCppEngine:
     informational_outputs = True  # another framework: its tokens are compared, never required equal
 
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
+        path = self._write_f32_gguf(model, requests)
+        import llama_cpp
+
+        n_ctx = max(len(r.prompt) + r.output_len for r in requests) + 1
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), verbose=False,
+                                   n_threads=run_config.n_threads or host_cores(),
+                                   n_threads_batch=run_config.n_threads or host_cores())
+
+    def _write_f32_gguf(self, model: models.Model, requests: list[Request]) -> Path:
+        """Check that llama.cpp can run `model`, keep the run's requests, and write the model's GGUF
+        dequantized to F32 into a temporary folder that lives as long as the engine."""
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise OptionalEngineMissing("engine 'llama-cpp' needs llama-cpp-python: pip install -e .[llama-cpp] "
                               "(builds llama.cpp from source, ~4 minutes)") from None
@@ -68,14 +79,10 @@ class LlamaCppEngine:
             raise ValueError("engine 'llama-cpp' needs a model loaded from a GGUF file "
                              "(e.g. model: smollm2-135m), not random or HF-checkpoint weights")
         self.per_token_bytes = kv_bytes_per_token(model)
-        self._dir = tempfile.TemporaryDirectory(prefix="infer-lab-llama-cpp-")
-        path = f32_gguf(model.gguf_path, Path(self._dir.name) / "model.F32.gguf")
-        n_ctx = max(len(r.prompt) + r.output_len for r in requests) + 1
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), verbose=False,
-                                   n_threads=run_config.n_threads or host_cores(),
-                                   n_threads_batch=run_config.n_threads or host_cores())
         self.requests = requests
         self.outputs: dict[int, list[int]] = {}
+        self._dir = tempfile.TemporaryDirectory(prefix="infer-lab-llama-cpp-")
+        return f32_gguf(model.gguf_path, Path(self._dir.name) / "model.F32.gguf")
 
     def _generate(self, prompt: list[int], output_len: int) -> tuple[list[int], float, float]:
         """Greedy tokens, and when the first and the last arrived (perf_counter)."""

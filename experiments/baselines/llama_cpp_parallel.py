@@ -40,20 +40,22 @@ class LlamaCppParallelEngine(LlamaCppEngine):
     """llama.cpp F32 with `parallel` slots decoded together (continuous batching), greedy."""
 
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
-        super().__init__(model, run_config, requests)  # checks, writes the F32 GGUF, loads it (batch-1 context)
+        path = self._write_f32_gguf(model, requests)  # no batch-1 `Llama`: one context, the slots'
         from llama_cpp import llama_cpp as C
-        from llama_cpp._internals import LlamaContext
+        from llama_cpp._internals import LlamaContext, LlamaModel
 
+        C.llama_backend_init()
         self.C, self.parallel = C, run_config.parallel
+        self.llama_model = LlamaModel(path_model=str(path), params=C.llama_model_default_params(), verbose=False)
         per_slot = max(len(r.prompt) + r.output_len for r in requests) + 1
         params = C.llama_context_default_params()
         params.n_ctx, params.n_seq_max = self.parallel * per_slot, self.parallel
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_threads = params.n_threads_batch = run_config.n_threads or host_cores()
         params.kv_unified = False  # each slot owns n_ctx / n_seq_max cells, as llama-server -np N
-        self.context = LlamaContext(model=self.llm._model, params=params, verbose=False)
+        self.context = LlamaContext(model=self.llama_model, params=params, verbose=False)
         self.batch = C.llama_batch_init(N_BATCH, 0, 1)
-        self.n_vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.llm._model.model))
+        self.n_vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.llama_model.model))
         self.kv_reserved_tokens = params.n_ctx
 
     def __del__(self):
