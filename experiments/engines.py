@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import models
-from models.static_batch import prompt_bucket, round_up, run_static_batch
+from models.static_batch import batch_shape, run_static_batch
 from models.sampling import SamplingConfig
 from experiments.compile_watch import CompiledWhileTimed, CompileWatch
 from experiments.workloads import Request
@@ -155,10 +155,9 @@ class StaticEngine:
         seen = set()
         for start in range(0, len(arrived), self.batch_size):
             batch = arrived[start:start + self.batch_size]
-            prompt_len = prompt_bucket(max(len(r.prompt) for r in batch))
-            key = (prompt_len, round_up(prompt_len + max(r.output_len for r in batch), 64))
-            if key not in seen:
-                seen.add(key)
+            shape = batch_shape([len(r.prompt) for r in batch], [r.output_len for r in batch], self.batch_size)
+            if shape not in seen:
+                seen.add(shape)
                 self._run([list(r.prompt) for r in batch], [r.output_len for r in batch],
                           [r.request_id for r in batch], max_decode_steps=1)
 

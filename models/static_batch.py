@@ -39,6 +39,16 @@ def prompt_bucket(prompt_len: int) -> int:
     return bucket_pow2(prompt_len, minimum=16) if prompt_len <= 64 else round_up(prompt_len, 64)
 
 
+def batch_shape(prompt_lens: list[int], max_new_tokens: list[int], batch_size: int | None = None,
+                max_len: int | None = None) -> tuple[int, int, int]:
+    """(rows, padded prompt length, cache length) of one static batch: rows = `batch_size` or the
+    next power of two; cache = `max_len` or the padded prompt + the largest output, rounded up to 64
+    (FasterTransformer sizes its cache per call). Batches of equal shape run the same programs."""
+    rows = bucket_pow2(len(prompt_lens)) if batch_size is None else batch_size
+    prompt_len = prompt_bucket(max(prompt_lens))
+    return rows, prompt_len, round_up(prompt_len + max(max_new_tokens), 64) if max_len is None else max_len
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampling_kind"), donate_argnames=("kv_cache",))
 def prefill_step(params, tokens, positions, kv_cache, logits_indices, sampling, *, config, sampling_kind):
     """Prompt pass: tokens/positions i32[batch, prompt_len]; returns (i32[batch] first tokens, cache)."""
@@ -91,10 +101,8 @@ def run_static_batch(params: Params, config: ModelConfig, prompts: list[list[int
     """
     _validate(prompts, max_new_tokens, sampling, config)
     n = len(prompts)
-    batch = bucket_pow2(n) if batch_size is None else batch_size
-    prompt_len = prompt_bucket(max(map(len, prompts)))
+    batch, prompt_len, max_len = batch_shape([len(p) for p in prompts], max_new_tokens, batch_size, max_len)
     needed = prompt_len + max(max_new_tokens)
-    max_len = round_up(needed, 64) if max_len is None else max_len
     if n > batch or needed > max_len:
         raise ValueError(f"batch of {n} rows needing {needed} positions does not fit the reserved "
                          f"cache batch_size={batch}, max_len={max_len}")
