@@ -42,8 +42,8 @@ class PagedStaticEngine:
         self._forget_warm_up()
 
     def precompile(self) -> None:
-        """Compile every shape the batches reach without running them: the same pass as `warmup`,
-        with a runner that runs a step only when its shape is new (`PagedModelRunner.dry_run`)."""
+        """Compile every shape the batches reach and run each once: the same pass as `warmup`, with
+        a runner that runs a step only when its shape is new (`PagedModelRunner.dry_run`)."""
         self.runner.dry_run = True
         try:
             self.serve(at_once(self.requests), lambda n: None)
