@@ -9,22 +9,18 @@ user's cache home (`$XDG_CACHE_HOME`, default `~/.cache`). `python -m experiment
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 
-from models.load_cache import cache_home
+from models.load_cache import cache_dir_from_env
 
 ENV_VAR = "INFER_LAB_COMPILATION_CACHE"
 
 
 def default_cache_dir() -> Path | None:
     """The cache folder from the environment; None when `$INFER_LAB_COMPILATION_CACHE` is `off`."""
-    value = os.environ.get(ENV_VAR)
-    if value is not None:
-        return None if value.strip().lower() == "off" else Path(value).expanduser()
-    return cache_home() / "infer-lab" / "jax"
+    return cache_dir_from_env(ENV_VAR, "jax")
 
 
 def enable_compilation_cache(cache_dir: Path | None) -> Path | None:

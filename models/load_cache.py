@@ -37,19 +37,30 @@ def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
-def default_model_cache_dir() -> Path | None:
-    """The model cache folder from the environment; None when `$INFER_LAB_MODEL_CACHE` is `off`."""
-    value = os.environ.get(ENV_VAR)
+def cache_dir_from_env(env_var: str, name: str) -> Path | None:
+    """`$env_var` when set (`off`: None, no cache), else `infer-lab/<name>` under the cache home."""
+    value = os.environ.get(env_var)
     if value is not None:
         return None if value.strip().lower() == "off" else Path(value).expanduser()
-    return cache_home() / "infer-lab" / "models"
+    return cache_home() / "infer-lab" / name
+
+
+def default_model_cache_dir() -> Path | None:
+    """The model cache folder from the environment; None when `$INFER_LAB_MODEL_CACHE` is `off`."""
+    return cache_dir_from_env(ENV_VAR, "models")
+
+
+def file_key(path: Path, version: int) -> str:
+    """A short hash naming one version of a file: a new path, size or modification time (or a new
+    `version` of what is derived from it) is a new key."""
+    stat = path.stat()
+    key = f"{version}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def entry_dir(cache_dir: Path, gguf_path: Path) -> Path:
     """The folder of one GGUF file's entry: a new path, size or modification time is a new entry."""
-    stat = gguf_path.stat()
-    key = f"{FORMAT_VERSION}|{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return cache_dir / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return cache_dir / f"{gguf_path.stem}-{file_key(gguf_path, FORMAT_VERSION)}"
 
 
 def cached_state(entry: Path, read: Callable[[], tuple[ModelConfig, dict[str, np.ndarray]]]

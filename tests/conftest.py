@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("INFER_LAB_COMPILATION_CACHE", "off")  # harness runs in tests leave ~/.cache alone
 os.environ.setdefault("INFER_LAB_MODEL_CACHE", "off")  # every test converts its GGUF files afresh
+os.environ.setdefault("INFER_LAB_DATASET_CACHE", "off")  # and parses its datasets afresh
 
 import numpy as np
 import pytest

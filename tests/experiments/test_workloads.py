@@ -27,6 +27,20 @@ def test_iter_json_array_stops_at_truncated_tail(tmp_path):
     assert list(iter_json_array(path)) == []
 
 
+def test_sharegpt_pairs_are_cached_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFER_LAB_DATASET_CACHE", str(tmp_path))
+    sharegpt_pairs.cache_clear()
+    try:
+        parsed = sharegpt_pairs()
+        [cached] = tmp_path.glob("sharegpt_pairs-*.json")
+        sharegpt_pairs.cache_clear()
+        monkeypatch.setattr("experiments.datasets.iter_json_array", None)  # parsing again would fail
+        assert sharegpt_pairs() == parsed
+        assert list(tmp_path.iterdir()) == [cached]  # no partial file left behind
+    finally:
+        sharegpt_pairs.cache_clear()
+
+
 def test_sharegpt_file_parses():
     pairs = sharegpt_pairs()
     assert len(pairs) > 11_000  # 11,135 human->gpt pairs among 17,671 complete conversations
