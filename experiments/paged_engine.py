@@ -4,7 +4,8 @@ A batch is admitted together (as the static engine does), but its KV cache lives
 as tokens arrive, a row that reaches its output length leaves the batch at once and frees its blocks,
 and with prefix caching a prompt's full blocks already in the cache are not recomputed: the prompt
 pass computes only the uncached suffix, attending to the cached prefix through the block table.
-Iteration-level admission of new requests is the continuous-batching engine's job (next issue).
+Admitting new requests at every step is the continuous-batching engine's job
+(`experiments/continuous_engine.py`).
 """
 
 from __future__ import annotations
