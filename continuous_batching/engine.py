@@ -6,9 +6,9 @@
         for out in engine.step(): ...        # RequestOutput: new tokens per request, finished flag
     engine.generate(prompts, params)         # the same loop with a progress bar
 
-Each step: the scheduler plans (`scheduler.py`), the engine applies the plan's block moves to the
-device cache (swap-out, copy-on-write, swap-in, in that order), the model runner runs one jitted
-model step and samples on device (`model_runner.py`), and the scheduler records the tokens. A
+Each step: the scheduler plans (`scheduler.py`), the model runner carries out the plan's block moves
+on the device cache (swap-out, copy-on-write, swap-in, in that order), runs one jitted model step and
+samples on device (`model_runner.py`), and the scheduler records the tokens. A
 request with `n > 1` runs as n sequences (with prefix caching on, they share the prompt's blocks).
 A request with `beam_width > 1` runs beam search above the scheduler, as vLLM V1 does
 (`beam_search.py`): each round, every live beam is a one-token sequence of prompt + beam tokens
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 import models
 from continuous_batching.beam_search import BeamSearchState, round_params
 from continuous_batching.engine_config import EngineConfig
-from continuous_batching.model_runner import PagedModelRunner, SeqStep, num_compilations
+from continuous_batching.model_runner import PagedModelRunner, num_compilations
 from continuous_batching.request import Sequence, Status
 from continuous_batching.reservation import ReservationManager
 from continuous_batching.sampling_params import SamplingParams
@@ -39,7 +39,6 @@ from continuous_batching.scheduler import Scheduler
 from continuous_batching.stop_checker import StopChecker
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
-from paged_attention.kv_cache import swap_in_blocks, swap_out_blocks
 
 FINISH_REASONS = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "length",
                   Status.FINISHED_ABORTED: "abort"}
@@ -97,15 +96,15 @@ class Engine:
             reserve = lambda seq: config.kv_tokens_needed(len(seq.prompt), seq.max_tokens)
         self.scheduler = Scheduler(self.manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   chunked_prefill=config.policy == "chunked_prefill",
-                                   preemption=config.preemption, admit_when_idle=config.policy == "static",
+                                   chunked_prefill=config.chunks_prompts,
+                                   preemption=config.preemption, admit_when_idle=config.batch_admission,
                                    reserve=reserve)
         self.runner = PagedModelRunner(model, num_blocks=config.num_blocks, block_size=config.block_size,
                                        max_num_seqs=config.max_num_seqs,
-                                       max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend)
-        self.host_pool = None  # per layer (k, v) numpy [kv_heads, num_cpu_blocks, block_size, head_dim]
+                                       max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend,
+                                       kernels=config.kernels, num_cpu_blocks=config.num_cpu_blocks,
+                                       kv_cache_dtype=config.kv_cache_dtype, mesh=config.mesh)
         self.requests: dict[int, _Request] = {}
-        self.seq_owner: dict[int, tuple[int, int]] = {}  # seq id -> (request id, sample index)
         self._request_ids, self._seq_ids = itertools.count(), itertools.count()
         self.num_steps = 0
         self.stats = {"prefill_steps": 0, "scheduled_seqs": 0, "prefill_tokens": 0, "decode_tokens": 0}
@@ -132,24 +131,24 @@ class Engine:
                                                            beam=BeamSearchState.start(prompt, params, stop_ids))
             self._start_round(request)
             return request_id
-        seqs = []
+        stop = StopChecker(self.model.tokenizer, params.stop) if params.stop else None
+        request = self.requests[request_id] = _Request(request_id, params, [], stop,
+                                                       [[] for _ in range(params.n)])
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), list(prompt), params.max_tokens, stop_ids)
+            seq = Sequence(next(self._seq_ids), list(prompt), params.max_tokens, stop_ids, params=params,
+                           request=request, index=index)
             seq.key = request_key(params.seed, index) if params.seed is not None else \
                 request_key(self.config.seed, seq.seq_id)
-            self.seq_owner[seq.seq_id] = (request_id, index)
-            seqs.append(seq)
-        stop = StopChecker(self.model.tokenizer, params.stop) if params.stop else None
-        self.requests[request_id] = _Request(request_id, params, seqs, stop, [[] for _ in seqs])
-        for seq in seqs:
+            request.seqs.append(seq)
+        for seq in request.seqs:
             self.scheduler.add(seq)
         return request_id
 
     def _start_round(self, request: _Request) -> None:
         """Queue one greedy one-token sequence per live beam (prompt + the beam's tokens)."""
-        request.seqs = [Sequence(next(self._seq_ids), tokens, 1) for tokens in request.beam.round_prompts()]
-        for index, seq in enumerate(request.seqs):
-            self.seq_owner[seq.seq_id] = (request.request_id, index)
+        request.seqs = [Sequence(next(self._seq_ids), tokens, 1, params=request.seq_params, request=request,
+                                 index=index) for index, tokens in enumerate(request.beam.round_prompts())]
+        for seq in request.seqs:
             self.scheduler.add(seq)
 
     def _prompt_ids(self, prompt) -> list[int]:
@@ -173,9 +172,10 @@ class Engine:
             raise ValueError(f"the request needs {needed} tokens of KV cache, more than num_blocks="
                              f"{c.num_blocks} x block_size={c.block_size} hold")
         beam = params.beam_width > 1  # beam search's last round prompts prompt + max_tokens - 1 tokens
-        if c.policy == "continuous" and prompt_len + beam * (params.max_tokens - 1) > c.max_num_batched_tokens:
+        whole_prompts = not (c.chunks_prompts or c.batch_admission)  # a prompt must fit one step's budget
+        if whole_prompts and prompt_len + beam * (params.max_tokens - 1) > c.max_num_batched_tokens:
             raise ValueError(f"prompt ({prompt_len} tokens{' + max_tokens - 1 beam tokens' if beam else ''}) must "
-                             f"be <= max_num_batched_tokens={c.max_num_batched_tokens} (or use policy chunked_prefill)")
+                             f"be <= max_num_batched_tokens={c.max_num_batched_tokens} (or use chunked_prefill)")
 
     def abort(self, request_id: int) -> None:
         """Stop a request wherever it is; its blocks are freed. Unknown ids are ignored."""
@@ -183,7 +183,6 @@ class Engine:
         for seq in request.seqs if request else []:  # beam search: the current round's
             if not seq.status.finished:
                 self.scheduler.abort(seq.seq_id)
-            self.seq_owner.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -196,22 +195,17 @@ class Engine:
             if self.scheduler.has_work() and not self.scheduler.running:
                 raise RuntimeError("no sequence could be scheduled although the cache is empty")
             return []
-        self._move_blocks(plan)
-        seqs = {s.seq_id: s for s in self.scheduler.running}
-        steps = [self._seq_step(seqs[p.seq_id], p.num_new_tokens) for p in plan.seqs]
-        self._count(plan, seqs)
-        result = self.runner.step(steps)
+        self.runner.move_blocks(plan.swap_out, plan.block_copies, plan.swap_in)
+        self._count(plan)
+        result = self.runner.step([p.seq for p in plan.seqs])
         self.num_steps += 1
-        sampled = {p.seq_id: t for p, t in zip(plan.seqs, result.tokens) if p.samples}
-        self.scheduler.update(plan, sampled)
+        sampling = [(i, p.seq) for i, p in enumerate(plan.seqs) if p.samples]
+        self.scheduler.update(plan, {seq.seq_id: result.tokens[i] for i, seq in sampling})
         touched: dict[int, list[int]] = {}
         rounds_done: list[_Request] = []
-        for i, p in enumerate(plan.seqs):
-            if not p.samples:
-                continue
-            seq = seqs[p.seq_id]
-            request_id, index = self.seq_owner[p.seq_id]
-            request = self.requests[request_id]
+        for i, seq in sampling:
+            request, index = seq.request, seq.index
+            request_id = request.request_id
             if request.beam is not None:  # a one-token round sequence: it finished, report its candidates
                 if request.beam.record(index, result.logprobs[i][1]):
                     rounds_done.append(request)
@@ -226,40 +220,14 @@ class Engine:
         outputs = [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
         return outputs + [out for request in rounds_done if (out := self._next_round(request))]
 
-    def _count(self, plan, seqs: dict[int, Sequence]) -> None:
-        decode = sum(1 for p in plan.seqs if p.num_new_tokens == 1 and seqs[p.seq_id].output
-                     and seqs[p.seq_id].num_computed == seqs[p.seq_id].num_tokens - 1)
+    def _count(self, plan) -> None:
+        decode = sum(1 for p in plan.seqs if p.num_new_tokens == 1 and p.seq.output
+                     and p.seq.num_computed == p.seq.num_tokens - 1)
         self.last_step_prefilled = decode < len(plan.seqs)
         self.stats["prefill_steps"] += self.last_step_prefilled
         self.stats["scheduled_seqs"] += len(plan.seqs)
         self.stats["decode_tokens"] += decode
         self.stats["prefill_tokens"] += plan.num_tokens - decode
-
-    def _move_blocks(self, plan) -> None:
-        if plan.swap_out:
-            gpu, cpu = zip(*plan.swap_out)
-            pool = self._host_pool()
-            for (pk, pv), (hk, hv) in zip(pool, swap_out_blocks(self.runner.kv_cache, list(gpu))):
-                pk[:, list(cpu)], pv[:, list(cpu)] = hk, hv
-        self.runner.copy_blocks(plan.block_copies)
-        if plan.swap_in:
-            cpu, gpu = zip(*plan.swap_in)
-            arrays = [(pk[:, list(cpu)], pv[:, list(cpu)]) for pk, pv in self._host_pool()]
-            self.runner.kv_cache = swap_in_blocks(self.runner.kv_cache, arrays, list(gpu))
-
-    def _host_pool(self):
-        if self.host_pool is None:
-            k, _ = self.runner.kv_cache[0]
-            shape = (k.shape[0], self.config.num_cpu_blocks, *k.shape[2:])
-            self.host_pool = [(np.zeros(shape, k.dtype), np.zeros(shape, k.dtype)) for _ in self.runner.kv_cache]
-        return self.host_pool
-
-    def _seq_step(self, seq: Sequence, num_new: int) -> SeqStep:
-        request = self.requests[self.seq_owner[seq.seq_id][0]]
-        start = seq.num_computed
-        return SeqStep(self.manager.get_block_table(seq.seq_id), start + num_new,
-                       seq.tokens[start:start + num_new], request.seq_params, seq.key, len(seq.output),
-                       (seq.prompt, seq.output))
 
     def _output(self, request_id: int, new_for: list[int]) -> RequestOutput:
         request = self.requests[request_id]
@@ -277,15 +245,11 @@ class Engine:
         finished = all(seq.status.finished for seq in request.seqs)
         if finished:
             del self.requests[request_id]
-            for seq in request.seqs:
-                del self.seq_owner[seq.seq_id]
         return RequestOutput(request_id, list(request.seqs[0].prompt), outputs, finished)
 
     def _next_round(self, request: _Request) -> RequestOutput | None:
         """A beam request's round is done (its beams advanced): queue the next round, or finish
         with the best n beams."""
-        for seq in request.seqs:
-            del self.seq_owner[seq.seq_id]
         if not request.beam.finished:
             self._start_round(request)
             return None
@@ -304,7 +268,7 @@ class Engine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         done: dict[int, RequestOutput] = {}
-        with tqdm(total=len(ids), desc=f"generate ({self.config.policy})", disable=not progress) as bar:
+        with tqdm(total=len(ids), desc=f"generate ({self.config.name})", disable=not progress) as bar:
             while self.has_unfinished():
                 for out in self.step():
                     if out.finished:

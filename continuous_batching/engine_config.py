@@ -1,8 +1,23 @@
 """The engine's settings, validated up front (host-side, JAX-free).
 
-    policy           static | request_level | continuous | chunked_prefill (see `POLICIES`)
-    reservation      request_level only: max | pow2 | oracle (Orca's rules, `reservation.py`)
-    preemption       recompute | swap (paged policies; swap needs num_cpu_blocks > 0)
+Each technique is a setting of its own, and the four named policies are presets over the first three:
+
+    admission        batch (a batch runs until every member finishes) | iteration (join and leave
+                     at every step, Orca)
+    kv_memory        reserved (one contiguous region per request, sized at admission by
+                     `reservation`; per batch under batch admission) | paged (blocks on demand, vLLM)
+    chunked_prefill  split prompts over steps to fill the token budget (Sarathi / Dynamic SplitFuse)
+    enable_prefix_caching   paged only: equal prompt prefixes share their full blocks
+    reservation      reserved iteration-level memory: max | pow2 | oracle (Orca's rules, `reservation.py`)
+    preemption       recompute | swap (paged; swap needs num_cpu_blocks > 0)
+    backend          the attention path: paged_cpu (XLA on CPU) | paged (Pallas) | paged_reference (jnp)
+    kernels          the model's ops set: xla (`models/ops.py`), or an Ops instance
+    kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16
+    mesh             None, or a jax.sharding.Mesh to run on (params, cache and inputs replicated)
+
+    policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
+                     for admission, kv_memory and chunked_prefill; a setting given beside it must
+                     agree with it. Without a policy, unset ones take `continuous`'s values.
 """
 
 from __future__ import annotations
@@ -12,7 +27,12 @@ import dataclasses
 from continuous_batching.reservation import RESERVATIONS, reservation_tokens
 from continuous_batching.sampling_params import check_known_keys
 from continuous_batching.scheduler import PREEMPTION_MODES
+from paged_attention.backend_names import PAGED_BACKENDS
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNEL_SETS = ("xla",)  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
+ADMISSIONS = ("batch", "iteration")
+KV_MEMORIES = ("reserved", "paged")
 POLICIES = {
     "static": "FasterTransformer: a fixed batch runs until every member finishes; KV reserved per batch "
               "(members x (longest prompt + largest max_tokens))",
@@ -20,11 +40,17 @@ POLICIES = {
     "continuous": "vLLM: iteration-level scheduling on a paged KV cache, whole prompts per step",
     "chunked_prefill": "Sarathi / Dynamic SplitFuse / vLLM V1: prompts split to fill a token budget",
 }
+# policy -> (admission, kv_memory, chunked_prefill)
+PRESETS = {"static": ("batch", "reserved", False), "request_level": ("iteration", "reserved", False),
+           "continuous": ("iteration", "paged", False), "chunked_prefill": ("iteration", "paged", True)}
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    policy: str = "continuous"
+    policy: str | None = None  # a preset (POLICIES); None: the settings below, unset ones as `continuous`
+    admission: str | None = None  # batch | iteration
+    kv_memory: str | None = None  # reserved | paged
+    chunked_prefill: bool | None = None
     reservation: str = "max"
     num_blocks: int = 512  # KV blocks on the device
     block_size: int = 16
@@ -35,6 +61,9 @@ class EngineConfig:
     num_cpu_blocks: int = 0  # swap space (blocks)
     enable_prefix_caching: bool = False
     backend: str = "paged_cpu"  # models.attention backend: paged_cpu (XLA CPU decode), paged (Pallas), paged_reference
+    kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16
+    mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 
     def __post_init__(self) -> None:
@@ -42,11 +71,18 @@ class EngineConfig:
             if not ok:
                 raise ValueError(f"EngineConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
 
-        check("policy", self.policy in POLICIES, f"one of {sorted(POLICIES)}")
+        check("policy", self.policy is None or self.policy in POLICIES, f"one of {sorted(POLICIES)} (or None)")
+        check("admission", self.admission in (None, *ADMISSIONS), f"one of {list(ADMISSIONS)}")
+        check("kv_memory", self.kv_memory in (None, *KV_MEMORIES), f"one of {list(KV_MEMORIES)}")
+        check("chunked_prefill", self.chunked_prefill in (None, True, False), "a bool")
+        if self.policy is not None:
+            for field, preset, given in zip(("admission", "kv_memory", "chunked_prefill"),
+                                            PRESETS[self.policy], self._given):
+                check(field, given is None or given == preset,
+                      f"{preset!r} (or unset) under policy {self.policy!r}, which sets it")
         check("reservation", self.reservation in RESERVATIONS, f"one of {list(RESERVATIONS)}")
         check("preemption", self.preemption in PREEMPTION_MODES, f"one of {list(PREEMPTION_MODES)}")
-        check("backend", self.backend in ("paged_cpu", "paged", "paged_reference"),
-              "one of 'paged_cpu', 'paged', 'paged_reference'")
+        check("backend", self.backend in PAGED_BACKENDS, f"one of {list(PAGED_BACKENDS)}")
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1")
@@ -55,18 +91,53 @@ class EngineConfig:
               "> 0 when preemption is 'swap'")
         check("enable_prefix_caching", isinstance(self.enable_prefix_caching, bool), "a bool")
         check("enable_prefix_caching", not (self.enable_prefix_caching and not self.paged),
-              "False for the static and request_level policies (they do not share blocks)")
+              "False on reserved KV memory (the static and request_level policies do not share blocks)")
+        check("chunked_prefill", not (self.chunks_prompts and self.batch_admission),
+              "False under batch admission (a static batch prefills its prompts whole)")
         check("seed", isinstance(self.seed, int), "an int")
+        check("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {list(KV_CACHE_DTYPES)}")
+        check("kernels", not isinstance(self.kernels, str) or self.kernels in KERNEL_SETS,
+              f"one of {list(KERNEL_SETS)} (or a models.ops.Ops instance)")
+        check("mesh", self.mesh is None or hasattr(self.mesh, "axis_names"), "None or a jax.sharding.Mesh")
+
+    @property
+    def _given(self) -> tuple:
+        return self.admission, self.kv_memory, self.chunked_prefill
+
+    @property
+    def settings(self) -> tuple[str, str, bool]:
+        """(admission, kv_memory, chunked_prefill) after the preset: the policy's, or the given
+        ones with `continuous`'s values for those unset."""
+        if self.policy is not None:
+            return PRESETS[self.policy]
+        return tuple(d if g is None else g for g, d in zip(self._given, PRESETS["continuous"]))
+
+    @property
+    def name(self) -> str:
+        """The preset these settings amount to (e.g. for progress bars), or a description."""
+        for policy, preset in PRESETS.items():
+            if preset == self.settings:
+                return policy
+        admission, kv_memory, chunked = self.settings
+        return f"{admission}+{kv_memory}" + ("+chunked" if chunked else "")
 
     @property
     def paged(self) -> bool:
-        return self.policy in ("continuous", "chunked_prefill")
+        return self.settings[1] == "paged"
+
+    @property
+    def batch_admission(self) -> bool:
+        return self.settings[0] == "batch"
+
+    @property
+    def chunks_prompts(self) -> bool:
+        return self.settings[2]
 
     def kv_tokens_needed(self, prompt_len: int, max_tokens: int) -> int:
-        """KV slots a request needs on its own: on pages and under static batching (a batch of one;
-        batches reserve per batch, `reservation.py`) its prompt + output; request_level: the
-        `reservation` rule."""
-        if self.paged or self.policy == "static":
+        """KV slots a request needs on its own: on pages and under batch admission (a batch of one;
+        batches reserve per batch, `reservation.py`) its prompt + output; reserved iteration-level
+        memory: the `reservation` rule."""
+        if self.paged or self.batch_admission:
             return prompt_len + max_tokens
         return reservation_tokens(self.reservation, prompt_len, max_tokens, self.max_model_len)
 

@@ -22,15 +22,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import models
 from continuous_batching.sampler import SamplerFlags, build_inputs, sample_tokens
+from continuous_batching.request import Sequence
 from continuous_batching.sampling_params import SamplingParams
 from models.llama import forward
+from models.ops import Ops, get_ops
 from models.static_batch import bucket_pow2
 from continuous_batching.step_shapes import ShapeSet, StepShape
 from paged_attention.decode_cpu import CHUNK as DECODE_CHUNK, bucket_size, build_decode_indices
-from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes
+from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks, swap_out_blocks
 from paged_attention.metadata import PagedMetadata
 from paged_attention.prefill_cpu import CHUNK as PREFILL_CHUNK, MIN_CHUNKS as PREFILL_MIN_CHUNKS
 from paged_attention.prefill_cpu import build_prefill_indices, max_tiles
@@ -39,20 +42,15 @@ MIN_SEQ_BUCKET = 4
 MIN_BLOCK_BUCKET = 8
 MIN_PREFILL_TOKENS = 16
 GREEDY = SamplingParams(temperature=0)
+NO_KEY = np.zeros(2, np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
-class SeqStep:
-    """One sequence's part of a step: its new tokens are the last `len(new_tokens)` of its context.
-    The sampling fields matter only for a sequence whose chunk ends its known tokens."""
-
-    block_table: list[int]
-    context_len: int  # tokens in the cache after this step
-    new_tokens: list[int]
-    params: SamplingParams = GREEDY
-    key: np.ndarray | None = None  # u32[2] request PRNG key (models.sampling.request_key); None: zeros
-    num_generated: int = 0  # tokens the request has generated (folded into its key)
-    history: tuple[list[int], list[int]] = ((), ())  # (prompt, output) tokens, for penalties
+class PreparedStep:
+    shape: StepShape  # the (bucketed or covering) shape the step runs at
+    flags: SamplerFlags
+    inputs: tuple  # host arrays: (tokens, positions, metadata, logits_indices, sampler inputs)
+    rows: list[int]  # each given sequence's row in the step's outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +59,14 @@ class StepResult:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # (sampled lp, top-20) per sequence
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend", "flags"), donate_argnames=("kv_cache",))
-def _model_step(params, tokens, positions, kv_cache, metadata, logits_indices, sampler_inputs, *,
-                config, backend, flags):
-    """One model step on pages, then sampling; returns (i32[num_seqs] tokens, logprobs, kv_cache)."""
-    logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config,
-                               backend=backend, logits_indices=logits_indices)
+@functools.partial(jax.jit, static_argnames=("config", "backend", "ops", "flags"), donate_argnames=("kv_cache",))
+def _model_step(params, kv_cache, inputs, *, config, backend, ops, flags):
+    """One model step on pages, then sampling; returns (i32[num_seqs] tokens, logprobs, kv_cache).
+    inputs: (tokens i32[num_tokens], positions i32[num_tokens], metadata, logits_indices i32[num_seqs],
+    sampler inputs), moved to the device together."""
+    tokens, positions, metadata, logits_indices, sampler_inputs = inputs
+    logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config, backend=backend,
+                               ops=ops, logits_indices=logits_indices)
     next_tokens, logprobs = sample_tokens(logits, sampler_inputs, flags)
     return next_tokens, logprobs, kv_cache
 
@@ -77,15 +77,31 @@ def num_compilations() -> int:
 
 
 class PagedModelRunner:
-    """Owns the paged KV cache of one model and runs steps on it."""
+    """Owns the device side of one model: its params (placed), the paged KV cache, the host pool
+    that swapped-out blocks wait in, and the jitted step.
+
+    kernels: the ops set (`models.ops`) by name or instance. kv_cache_dtype: the cache's dtype
+    ("auto": the model's). mesh: a `jax.sharding.Mesh` to place params, cache and every step's
+    inputs on (None: the default device); `param_sharding` (a sharding or a pytree of them matching
+    the params) and `kv_sharding` override the default, replicated over the mesh."""
 
     def __init__(self, model: models.Model, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_blocks_per_seq: int, backend: str = "paged_cpu"):
+                 max_blocks_per_seq: int, backend: str = "paged_cpu", kernels: "str | Ops" = "xla",
+                 kv_cache_dtype: str = "auto", num_cpu_blocks: int = 0, mesh=None,
+                 param_sharding=None, kv_sharding=None):
         config = model.config
-        self.model, self.backend = model, backend
+        self.model, self.backend, self.ops = model, backend, get_ops(kernels)
         self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
-        self.kv_cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                                            config.head_dim, model.params["embed"].dtype)
+        self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
+        replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self.input_sharding = replicated
+        self.params = jax.device_put(model.params, param_sharding or replicated)
+        cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
+                                    config.head_dim, model.dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+        if mesh is not None or kv_sharding is not None:
+            cache = jax.device_put(cache, kv_sharding or replicated)
+        self.kv_cache = cache
+        self.host_pool = None  # per layer (k, v) numpy [kv_heads, num_cpu_blocks, block_size, head_dim]
         # (prefill tokens, prefill rows, decode rows, blocks, decode page pairs, prefill tile pairs)
         self.shapes_run: set[tuple[int, ...]] = set()
         self.shapes = ShapeSet()  # compiled step shapes; a server shares one across runners and freezes it
@@ -98,11 +114,20 @@ class PagedModelRunner:
     def kv_cache_bytes(self) -> int:
         return kv_cache_bytes(self.kv_cache)
 
-    def seq_bucket(self, num_seqs: int) -> int:
-        return max(MIN_SEQ_BUCKET, bucket_pow2(num_seqs))
-
-    def blocks_bucket(self, num_blocks: int) -> int:
-        return min(self.max_blocks, max(MIN_BLOCK_BUCKET, bucket_pow2(num_blocks)))
+    # ----- block moves the block manager asked for (before the step that needs them) -------------
+    def move_blocks(self, swap_out: list[tuple[int, int]], copies: list[tuple[int, int]],
+                    swap_in: list[tuple[int, int]]) -> None:
+        """Carry out one step's block moves in the order the block manager made them: swap-out
+        (device block -> host block), copy-on-write (src -> dst), swap-in (host block -> device block)."""
+        if swap_out:
+            gpu, cpu = zip(*swap_out)
+            for (pool_k, pool_v), (k, v) in zip(self._host_pool(), swap_out_blocks(self.kv_cache, list(gpu))):
+                pool_k[:, list(cpu)], pool_v[:, list(cpu)] = k, v
+        self.copy_blocks(copies)
+        if swap_in:
+            cpu, gpu = zip(*swap_in)
+            arrays = [(pool_k[:, list(cpu)], pool_v[:, list(cpu)]) for pool_k, pool_v in self._host_pool()]
+            self.kv_cache = swap_in_blocks(self.kv_cache, arrays, list(gpu))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply copy-on-write copies [(src, dst)] the block manager asked for."""
@@ -110,49 +135,85 @@ class PagedModelRunner:
             src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
             self.kv_cache = copy_blocks(self.kv_cache, src, dst)
 
-    def step(self, seqs: list[SeqStep]) -> StepResult:
-        """Run one step; returns each sequence's next token (and log-probs if any row asks)."""
+    def _host_pool(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.host_pool is None:
+            if self.num_cpu_blocks < 1:
+                raise ValueError("swapping needs num_cpu_blocks >= 1")
+            k, _ = self.kv_cache[0]
+            shape = (k.shape[0], self.num_cpu_blocks, *k.shape[2:])
+            self.host_pool = [(np.zeros(shape, k.dtype), np.zeros(shape, k.dtype)) for _ in self.kv_cache]
+        return self.host_pool
+
+    def seq_bucket(self, num_seqs: int) -> int:
+        return max(MIN_SEQ_BUCKET, bucket_pow2(num_seqs))
+
+    def blocks_bucket(self, num_blocks: int) -> int:
+        return min(self.max_blocks, max(MIN_BLOCK_BUCKET, bucket_pow2(num_blocks)))
+
+    def step(self, seqs: list[Sequence]) -> StepResult:
+        """Run one step; returns each sequence's next token (and log-probs if any row asks), in the
+        order given."""
         if not 0 < len(seqs) <= self.max_num_seqs:
             raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
-        # Sequences with several new tokens first (prefill kernel), single tokens after (decode kernel).
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].new_tokens) == 1)
-        ordered = [seqs[i] for i in order]
-        num_prefill = sum(len(s.new_tokens) > 1 for s in ordered)
-        flags = SamplerFlags.for_params([s.params for s in seqs])
-        metadata, shape = self._metadata(ordered, num_prefill, self._own_shape(ordered, num_prefill))
-        if self.shapes.frozen and (shape, flags) not in self.shapes.compiled:
-            cover = self.shapes.cover(shape, flags)
-            if cover is not None:  # run on a compiled shape's padding instead of compiling a new one
-                metadata, shape = self._metadata(ordered, num_prefill, cover)
-                self.shapes.padded_steps += 1
-        if self.dry_run and (shape, flags) in self.shapes.compiled and not flags.logprobs:
+        prepared = self.prepare(seqs)
+        if self.dry_run and (prepared.shape, prepared.flags) in self.shapes.compiled and not prepared.flags.logprobs:
             return StepResult([s.new_tokens[-1] for s in seqs], None)
-        next_tokens, logprobs = self._run(ordered, num_prefill, metadata, shape, flags)
-        back = [0] * len(seqs)  # original index -> row
-        for position, i in enumerate(order):
-            back[i] = position if position < num_prefill else shape.prefill_seqs + position - num_prefill
+        next_tokens, logprobs = self.run(prepared)
         host_lp = None if logprobs is None else _host_logprobs(logprobs, len(next_tokens))
-        return StepResult([int(next_tokens[r]) for r in back], None if host_lp is None else [host_lp[r] for r in back])
+        return StepResult([int(next_tokens[r]) for r in prepared.rows],
+                          None if host_lp is None else [host_lp[r] for r in prepared.rows])
 
     def compile_shape(self, shape: StepShape, flags: SamplerFlags) -> None:
         """Compile (by running it on padding only: no token is written) the step program of `shape`."""
-        metadata, shape = self._metadata([], 0, shape)
-        self._run([], 0, metadata, shape, flags)
+        self.run(self.prepare([], shape, flags))
 
-    def _own_shape(self, ordered: list[SeqStep], num_prefill: int) -> StepShape:
+    def prepare(self, seqs: list[Sequence], shape: StepShape | None = None,
+                flags: SamplerFlags | None = None) -> "PreparedStep":
+        """One pass from the scheduled sequences to the step's host arrays (numpy; `run` moves them
+        to the device at once). Sequences bringing several tokens go first (prefill kernel), single
+        tokens after (decode kernel); sizes are padded to the step's bucketed shape, or, once the
+        shape set is frozen, to the cheapest compiled shape that covers it. `shape`: pad to exactly
+        this one (compiling a shape on padding only)."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new_tokens == 1)
+        ordered = [seqs[i] for i in order]
+        num_prefill = sum(s.num_new_tokens > 1 for s in ordered)
+        flags = flags or SamplerFlags.for_params([GREEDY if s.params is None else s.params for s in seqs])
+        metadata, own = self._metadata(ordered, num_prefill, shape or self._own_shape(ordered, num_prefill))
+        if shape is None and self.shapes.frozen and (own, flags) not in self.shapes.compiled:
+            cover = self.shapes.cover(own, flags)
+            if cover is not None:  # run on a compiled shape's padding instead of compiling a new one
+                metadata, own = self._metadata(ordered, num_prefill, cover)
+                self.shapes.padded_steps += 1
+        rows = [0] * len(seqs)  # given index -> row of the step's outputs
+        for position, i in enumerate(order):
+            rows[i] = position if position < num_prefill else own.prefill_seqs + position - num_prefill
+        return PreparedStep(own, flags, self._inputs(ordered, num_prefill, metadata, own, flags), rows)
+
+    def run(self, prepared: "PreparedStep") -> tuple[np.ndarray, object]:
+        """Move a prepared step's inputs to the device (one transfer) and run the jitted step:
+        (i32[rows] next tokens on the host, device log-probs or None)."""
+        self.shapes.add(prepared.shape, prepared.flags)
+        self.shapes_run.add(dataclasses.astuple(prepared.shape))
+        inputs = jax.device_put(prepared.inputs, self.input_sharding)
+        next_tokens, logprobs, self.kv_cache = _model_step(
+            self.params, self.kv_cache, inputs, config=self.model.config, backend=self.backend, ops=self.ops,
+            flags=prepared.flags)
+        return np.asarray(next_tokens), logprobs
+
+    def _own_shape(self, ordered: list[Sequence], num_prefill: int) -> StepShape:
         """The bucketed shape of these sequences' step (pair-list lengths filled in by `_metadata`)."""
         max_blocks = self.blocks_bucket(max(len(s.block_table) for s in ordered))
         num_decode = len(ordered) - num_prefill
         if num_prefill == 0:
             return StepShape(0, 0, self.seq_bucket(num_decode), max_blocks, 0, 0)
-        prefill_tokens = sum(len(s.new_tokens) for s in ordered[:num_prefill])
+        prefill_tokens = sum(s.num_new_tokens for s in ordered[:num_prefill])
         return StepShape(bucket_size(prefill_tokens, MIN_PREFILL_TOKENS), bucket_pow2(num_prefill),
                          self.seq_bucket(num_decode) if num_decode else 0, max_blocks, 0, 0)
 
-    def _metadata(self, ordered: list[SeqStep], num_prefill: int, shape: StepShape) -> tuple[PagedMetadata, StepShape]:
+    def _metadata(self, ordered: list[Sequence], num_prefill: int, shape: StepShape) -> tuple[PagedMetadata, StepShape]:
         """Device metadata padded to `shape` (its pair-list lengths are minimums), and the exact shape."""
         tables, lens = [s.block_table for s in ordered], [s.context_len for s in ordered]
-        query_lens = [len(s.new_tokens) for s in ordered]
+        query_lens = [s.num_new_tokens for s in ordered]
         if shape.decode_only:
             metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=shape.decode_seqs,
                                            num_seqs=shape.decode_seqs, max_blocks=shape.max_blocks)
@@ -168,18 +229,19 @@ class PagedModelRunner:
                  len(metadata.prefill_pairs[2]) if metadata.prefill_pairs else 0)
         return metadata, dataclasses.replace(shape, decode_pairs=pairs[0], prefill_pairs=pairs[1])
 
-    def _run(self, ordered: list[SeqStep], num_prefill: int, metadata: PagedMetadata, shape: StepShape,
-             flags: SamplerFlags):
-        """Fill the token, position and sampler arrays of `shape` and run the jitted step."""
+    def _inputs(self, ordered: list[Sequence], num_prefill: int, metadata: PagedMetadata, shape: StepShape,
+                flags: SamplerFlags) -> tuple:
+        """The step's host arrays for `shape`: (tokens i32[num_tokens], positions i32[num_tokens],
+        metadata, logits_indices i32[num_rows]: each row's last new token, sampler inputs)."""
         num_tokens = shape.prefill_tokens + shape.decode_seqs
         num_rows = shape.prefill_seqs + shape.decode_seqs
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         last = np.zeros(num_rows, np.int32)  # each row's last new token; padding rows: 0 (ignored)
-        row_steps: list[SeqStep] = [SeqStep([], 0, [])] * num_rows
+        row_seqs: list[Sequence | None] = [None] * num_rows  # padding rows: None
         start = 0
         for position, s in enumerate(ordered):
-            q_len = len(s.new_tokens)
+            q_len = s.num_new_tokens
             if position < num_prefill:
                 row = position
             else:  # decode rows own one token each, after the prefill part
@@ -187,41 +249,37 @@ class PagedModelRunner:
             tokens[start:start + q_len] = s.new_tokens
             positions[start:start + q_len] = np.arange(s.context_len - q_len, s.context_len)
             last[row] = start + q_len - 1
-            row_steps[row] = s
+            row_seqs[row] = s
             start += q_len
         sampler_inputs = build_inputs(
-            [r.params for r in row_steps], [np.zeros(2, np.uint32) if r.key is None else r.key for r in row_steps],
-            [r.num_generated for r in row_steps],
-            [(list(r.history[0]), list(r.history[1])) for r in row_steps] if flags.penalties else None, num_rows)
-        self.shapes.add(shape, flags)
-        self.shapes_run.add(dataclasses.astuple(shape))
-        next_tokens, logprobs, self.kv_cache = _model_step(
-            self.model.params, jax.device_put(tokens), jax.device_put(positions), self.kv_cache, metadata,
-            jax.device_put(last), sampler_inputs, config=self.model.config, backend=self.backend, flags=flags)
-        return np.asarray(next_tokens), logprobs
+            [GREEDY if s is None or s.params is None else s.params for s in row_seqs],
+            [NO_KEY if s is None or s.key is None else s.key for s in row_seqs],
+            [0 if s is None else len(s.output) for s in row_seqs],
+            [([], []) if s is None else (s.prompt, s.output) for s in row_seqs] if flags.penalties else None,
+            num_rows)
+        return tokens, positions, metadata, last, sampler_inputs
 
     def _with_cpu_index_lists(self, metadata: PagedMetadata, shape: StepShape) -> PagedMetadata:
         """Add the host-built index lists of the XLA-CPU paths: prefill tiles for the first
         `shape.prefill_seqs` rows, decode page pairs for the rest, each list at least as long as
         the shape asks."""
-        k_cache, _ = self.kv_cache[0]
-        num_kv_heads, num_blocks = k_cache.shape[:2]
-        tables, lens = np.asarray(metadata.block_tables), np.asarray(metadata.context_lens)
+        num_kv_heads, num_blocks = self.model.config.num_kv_heads, self.num_blocks
+        tables, lens = metadata.block_tables, metadata.context_lens
         num_prefill_seqs = shape.prefill_seqs
         changes = {}
         if num_prefill_seqs:
             pairs = build_prefill_indices(
-                tables[:num_prefill_seqs], lens[:num_prefill_seqs], np.asarray(metadata.query_start_loc),
+                tables[:num_prefill_seqs], lens[:num_prefill_seqs], metadata.query_start_loc,
                 shape.prefill_tokens, num_blocks, num_kv_heads, self.block_size,
                 num_tiles=max_tiles(shape.prefill_tokens, num_prefill_seqs),
                 min_chunks=max(PREFILL_MIN_CHUNKS, shape.prefill_pairs // PREFILL_CHUNK))
-            changes["prefill_pairs"] = tuple(jax.device_put(a) for a in pairs)
+            changes["prefill_pairs"] = tuple(pairs)
             changes["max_query_len"] = None  # static, and the packed prefill has no use for it: fewer compiles
         if len(lens) > num_prefill_seqs:
             pairs = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:], num_blocks,
                                          num_kv_heads, self.block_size,
                                          min_chunks=max(1, shape.decode_pairs // DECODE_CHUNK))
-            changes["decode_pairs"] = tuple(jax.device_put(a) for a in pairs)
+            changes["decode_pairs"] = tuple(pairs)
         return dataclasses.replace(metadata, **changes)
 
 

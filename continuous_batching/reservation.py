@@ -8,7 +8,8 @@ sequence, exactly what a `[max_len]` slot of a contiguous cache holds, and freed
 the pool as contiguous allocation does. Per-request reservation rules (`request_level`; vLLM paper, section 6.1):
 
     max     every request reserves `max_model_len` tokens (Orca (Max))
-    pow2    the next power of two above prompt + max_tokens (Orca (Pow2))
+    pow2    prompt + the next power of two >= max_tokens (Orca (Pow2): "if the true output length is
+            25, it reserves 32 positions for outputs"), at most `max_model_len`
     oracle  exactly prompt + max_tokens (Orca (Oracle): exact when EOS is ignored, as benchmarks do)
 
 Per-batch reservation (`static`): FasterTransformer sizes its KV cache per `forward` call as
@@ -41,13 +42,12 @@ RESERVATIONS = ("max", "pow2", "oracle")
 
 def reservation_tokens(rule: str, prompt_len: int, max_tokens: int, max_model_len: int) -> int:
     """Tokens a request reserves under `rule` (see the module docstring)."""
-    needed = prompt_len + max_tokens
     if rule == "max":
         return max_model_len
     if rule == "pow2":
-        return min(max_model_len, 1 << max(0, needed - 1).bit_length())
+        return min(max_model_len, prompt_len + (1 << max(0, max_tokens - 1).bit_length()))
     if rule == "oracle":
-        return needed
+        return prompt_len + max_tokens
     raise ValueError(f"reservation must be one of {RESERVATIONS}, got {rule!r}")
 
 

@@ -66,25 +66,25 @@ def _pad_rows(rows: list[list[int]], num_rows: int) -> np.ndarray:
 
 def build_inputs(params: list[SamplingParams], keys: list[np.ndarray], steps: list[int],
                  histories: list[tuple[list[int], list[int]]] | None, num_rows: int) -> SamplerInputs:
-    """Host lists (one entry per real row) -> padded device inputs. `histories` (prompt, output)
-    token lists are needed only when a row uses penalties."""
+    """Host lists (one entry per real row) -> padded inputs as numpy arrays (the runner moves them
+    to the device with the rest of the step). `histories` (prompt, output) token lists are needed
+    only when a row uses penalties."""
     pad = num_rows - len(params)
     padded = params + [SamplingParams(temperature=0)] * pad
     key_rows = np.stack(keys + [np.zeros(2, np.uint32)] * pad)
-    arrays = SamplingArrays(temperature=jnp.asarray([p.temperature for p in padded], jnp.float32),
-                            top_k=jnp.asarray([p.top_k for p in padded], jnp.int32),
-                            top_p=jnp.asarray([p.top_p for p in padded], jnp.float32),
-                            keys=jnp.asarray(key_rows, jnp.uint32))
+    arrays = SamplingArrays(temperature=np.asarray([p.temperature for p in padded], np.float32),
+                            top_k=np.asarray([p.top_k for p in padded], np.int32),
+                            top_p=np.asarray([p.top_p for p in padded], np.float32),
+                            keys=np.asarray(key_rows, np.uint32))
     if histories is None:
         prompt = output = np.full((num_rows, 1), -1, np.int32)
     else:
         prompt = _pad_rows([h[0] for h in histories], num_rows)
         output = _pad_rows([h[1] for h in histories], num_rows)
-    return SamplerInputs(arrays, jnp.asarray(steps + [0] * pad, jnp.int32),
-                         jnp.asarray([p.repetition_penalty for p in padded], jnp.float32),
-                         jnp.asarray([p.presence_penalty for p in padded], jnp.float32),
-                         jnp.asarray([p.frequency_penalty for p in padded], jnp.float32),
-                         jax.device_put(prompt), jax.device_put(output))
+    return SamplerInputs(arrays, np.asarray(steps + [0] * pad, np.int32),
+                         np.asarray([p.repetition_penalty for p in padded], np.float32),
+                         np.asarray([p.presence_penalty for p in padded], np.float32),
+                         np.asarray([p.frequency_penalty for p in padded], np.float32), prompt, output)
 
 
 def _token_counts(tokens: jax.Array, vocab: int) -> jax.Array:

@@ -51,9 +51,13 @@ PREEMPTION_MODES = ("recompute", "swap")
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledSeq:
+    """One sequence's part of a step, as planned (the sequence itself also carries `num_new_tokens`
+    and its `block_table` for the step being run; this record keeps the plan after it ran)."""
+
     seq_id: int
     num_new_tokens: int  # the sequence's tokens [num_computed, num_computed + num_new_tokens)
     samples: bool  # True when the chunk reaches the end of its tokens: the step samples a token
+    seq: Sequence | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +200,11 @@ class Scheduler:
         return True
 
     def _plan(self, seq: Sequence, budget: int) -> ScheduledSeq:
+        """Give the sequence its tokens for this step (its uncomputed ones, as the budget allows)
+        and its current block table."""
         n = seq.num_uncomputed if self.admit_when_idle else min(seq.num_uncomputed, budget)
-        return ScheduledSeq(seq.seq_id, n, samples=seq.num_computed + n == seq.num_tokens)
+        seq.num_new_tokens, seq.block_table = n, self.manager.get_block_table(seq.seq_id)
+        return ScheduledSeq(seq.seq_id, n, seq.num_computed + n == seq.num_tokens, seq)
 
     def _preempt(self, seq: Sequence, plan: Schedule) -> None:
         """Swap the sequence out if asked and the CPU pool has room, else recompute: free its
@@ -220,11 +227,11 @@ class Scheduler:
         """After the model step: advance computed counts, record sampled tokens, free finished
         sequences. `sampled` maps seq id -> token for every scheduled seq with `samples`. Returns
         the sequences that finished."""
-        by_id = {s.seq_id: s for s in self.running}
         finished = []
         for planned in schedule.seqs:
-            seq = by_id[planned.seq_id]
+            seq = planned.seq
             seq.num_computed += planned.num_new_tokens
+            seq.num_new_tokens = 0
             if planned.samples:
                 seq.append_output(sampled[planned.seq_id])
                 if seq.status.finished:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from experiments.engines import RunTrace
+from experiments.trace import RunTrace
 from paged_attention.contiguous import causal_attention
 from paged_attention.decode_kernel import paged_decode_attention, paged_decode_attention_reference
 

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from experiments.config_checks import check_config, check_model_limits
+from paged_attention.backend_names import PAGED_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -134,7 +135,7 @@ class ContinuousRunConfig(Strict):
     preemption: Literal["recompute", "swap"] = "recompute"
     swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
     enable_prefix_caching: bool = False
-    backend: Literal["paged_cpu", "paged_reference", "paged"] = "paged_cpu"
+    backend: Literal[PAGED_BACKENDS] = "paged_cpu"  # paged_attention/backend_names.py
 
 
 class LlamaCppRunConfig(Strict):

@@ -8,7 +8,7 @@ Every check returns `(YAML path, message)` pairs, the message naming the allowed
 - rate sweeps (`request_rates`): only engines that serve requests on a clock; keys a sweep does not
   read (`workload.request_rate`, `check_same_outputs`, `claims`) are refused, and
   `latency_bound_s_per_token` needs a sweep
-- one experiment, one kind of results table and plot (experiments/report.py `_table_kind`): serving
+- one experiment, one kind of results table and plot (experiments/tables.py `_table_kind`): serving
   and decode engines together, or only memory simulations, only sharing simulations, or only
   attention benchmarks
 - a key set in the YAML where the run ignores it (pydantic's `model_fields_set`: set, even to its

@@ -27,7 +27,7 @@ from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.step_shapes import ShapeSet
-from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
+from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
 
 
@@ -54,7 +54,7 @@ class ContinuousServeEngine:
 
     def warmup(self) -> None:
         """Replay the workload at once, untimed; compile the envelope of its step shapes; freeze."""
-        untimed_pass(self, self.requests, self.config.policy)
+        untimed_pass(self, self.requests, self.config.name)
         self._compile_envelope_and_freeze(self._engine().runner)
 
     def precompile(self) -> None:
@@ -67,7 +67,7 @@ class ContinuousServeEngine:
         engine.runner.dry_run = True
         for r in self.requests:
             engine.add_request(list(r.prompt), _sampling_params(r))
-        with tqdm(desc=f"precompile {self.config.policy}", unit="step", file=sys.stderr, leave=False) as bar:
+        with tqdm(desc=f"precompile {self.config.name}", unit="step", file=sys.stderr, leave=False) as bar:
             while engine.has_unfinished():
                 engine.step()
                 bar.update()

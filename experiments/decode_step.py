@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep
+from continuous_batching.model_runner import PagedModelRunner
+from continuous_batching.request import Sequence
 from experiments.run import keep_freed_memory
 from models.config import PRESETS
+from paged_attention.backend_names import PAGED_BACKENDS
 from models.llama import init_params
 
 
@@ -38,7 +40,7 @@ def scattered_runner(model: models.Model, context_lens, rng, backend: str, block
     return runner, [perm[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def time_steps(runner: PagedModelRunner, seqs: list[SeqStep], repeats: int) -> tuple[float, float]:
+def time_steps(runner: PagedModelRunner, seqs: list[Sequence], repeats: int) -> tuple[float, float]:
     """(ms per step over `repeats` steps, compile + first step s)."""
     start = time.perf_counter()
     runner.step(seqs)
@@ -54,13 +56,13 @@ def time_decode_step(model: models.Model, batch: int, backend: str, block_size: 
     rng = np.random.default_rng(batch)
     ctx = np.minimum(rng.gamma(1.2, 190 / 1.2, batch).astype(int) + 1, 1200)
     runner, tables = scattered_runner(model, ctx, rng, backend, block_size)
-    ms, first = time_steps(runner, [SeqStep(t, int(c), [5]) for t, c in zip(tables, ctx)], repeats)
+    ms, first = time_steps(runner, [Sequence.in_cache(t, int(c), [5]) for t, c in zip(tables, ctx)], repeats)
     return ms, float(ctx.mean()), first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.decode_step", description=__doc__)
-    parser.add_argument("--backend", default="paged_cpu", choices=["paged_cpu", "paged_reference", "paged"])
+    parser.add_argument("--backend", default="paged_cpu", choices=PAGED_BACKENDS)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 200, 256])
     args = parser.parse_args()
     keep_freed_memory()

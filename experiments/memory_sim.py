@@ -2,7 +2,7 @@
 real tokens, and how many requests fit at once, under four ways of reserving memory.
 
     max     Orca (Max): every request reserves `max_len` slots (the model's maximum length)
-    pow2    Orca (Pow2): prompt + output rounded up to a power of two (over-reserves <= 2x output)
+    pow2    Orca (Pow2): prompt + the output length rounded up to a power of two (at most max_len)
     oracle  Orca (Oracle): exactly prompt + output (the output length known in advance)
     paged   vLLM: 16-token blocks from the real block manager, allocated as tokens arrive; a request
             is admitted only if `watermark` of the blocks stay free (vLLM's admission rule); when a
@@ -39,21 +39,18 @@ import collections
 import dataclasses
 import time
 
-from models.static_batch import bucket_pow2
+from continuous_batching.reservation import RESERVATIONS, reservation_tokens
 from paged_attention.block_manager import BlockManager
-from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
+from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 
 
 def reservation(policy: str, prompt_len: int, output_len: int, max_len: int) -> int:
-    """Slots a contiguous-reservation policy sets aside for one request."""
-    if policy == "max":
-        return max_len
-    if policy == "pow2":
-        return prompt_len + bucket_pow2(output_len)
-    if policy == "oracle":
-        return prompt_len + output_len
-    raise ValueError(f"unknown reservation policy {policy!r}; allowed: 'max', 'pow2', 'oracle', 'paged'")
+    """Slots a contiguous-reservation policy sets aside for one request: the engine's rule
+    (`continuous_batching.reservation.reservation_tokens`), with the output length known."""
+    if policy not in RESERVATIONS:
+        raise ValueError(f"unknown reservation policy {policy!r}; allowed: 'max', 'pow2', 'oracle', 'paged'")
+    return reservation_tokens(policy, prompt_len, output_len, max_len)
 
 
 @dataclasses.dataclass

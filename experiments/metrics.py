@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.engines import RunTrace
+from experiments.trace import RunTrace
 
 
 def summarize(trace: RunTrace) -> dict[str, float | int | None]:

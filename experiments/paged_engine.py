@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep
+from continuous_batching.model_runner import PagedModelRunner
+from continuous_batching.request import Sequence
 from paged_attention.block_manager import BlockManager
-from experiments.engines import BatchOutcome, at_once, kv_bytes_per_token, serve_static_batches, untimed_pass
+from experiments.trace import BatchOutcome, at_once, kv_bytes_per_token, serve_static_batches, untimed_pass
 from experiments.workloads import Request
 
 
@@ -67,7 +68,7 @@ class PagedStaticEngine:
 
     def _run_batch(self, batch: list[Request]) -> BatchOutcome:
         manager, runner = self.manager, self.runner
-        steps = []
+        seqs = []
         for r in batch:
             if not manager.can_allocate(list(r.prompt)):
                 raise RuntimeError(f"the KV pool cannot hold request {r.request_id}; it was sized for "
@@ -75,11 +76,13 @@ class PagedStaticEngine:
             cached = manager.allocate(r.request_id, list(r.prompt))
             self.prompt_tokens += len(r.prompt)
             self.cached_tokens += cached
-            steps.append(SeqStep(manager.get_block_table(r.request_id), len(r.prompt), list(r.prompt[cached:])))
-        outputs = {r.request_id: [t] for r, t in zip(batch, runner.step(steps).tokens)}
-        self.outputs.update(outputs)  # the same lists, filled as the batch runs
+            seqs.append(Sequence(r.request_id, list(r.prompt), r.output_len, num_computed=cached,
+                                 num_new_tokens=len(r.prompt) - cached,
+                                 block_table=manager.get_block_table(r.request_id)))
+        self._advance(seqs, runner.step(seqs).tokens)
+        self.outputs.update({seq.seq_id: seq.output for seq in seqs})  # the same lists, filled as the batch runs
         first_token_time = time.perf_counter()
-        live = list(batch)
+        live = list(seqs)
         alloc_peak = used_peak = generated = 0
         util_sum, num_steps = 0.0, 0
         while True:
@@ -88,19 +91,24 @@ class PagedStaticEngine:
             util_sum += real / max(1, used_blocks * self.block_size)
             num_steps += 1
             generated += len(live)
-            for r in [r for r in live if len(outputs[r.request_id]) >= r.output_len]:
-                live.remove(r)
-                manager.free(r.request_id)
+            for seq in [seq for seq in live if len(seq.output) >= seq.max_tokens]:
+                live.remove(seq)
+                manager.free(seq.seq_id)
             if not live:
                 break
-            steps = []
-            for r in live:
-                _, copies = manager.append_slot(r.request_id, outputs[r.request_id][-1])
+            for seq in live:
+                _, copies = manager.append_slot(seq.seq_id, seq.output[-1])
                 runner.copy_blocks(copies)
-                steps.append(SeqStep(manager.get_block_table(r.request_id), manager.num_tokens(r.request_id),
-                                     [outputs[r.request_id][-1]]))
-            for r, token in zip(live, runner.step(steps).tokens):
-                outputs[r.request_id].append(token)
+                seq.block_table, seq.num_new_tokens = manager.get_block_table(seq.seq_id), 1
+            self._advance(live, runner.step(live).tokens)
         per_block = self.block_size * self.per_token_bytes
         return BatchOutcome(first_token_time, time.perf_counter(), alloc_peak * per_block,
                             used_peak * self.per_token_bytes, util_sum / num_steps, generated)
+
+    @staticmethod
+    def _advance(seqs: list[Sequence], tokens: list[int]) -> None:
+        """After a step: its new tokens are in the cache, and each sequence has a sampled token more."""
+        for seq, token in zip(seqs, tokens):
+            seq.num_computed += seq.num_new_tokens
+            seq.num_new_tokens = 0
+            seq.output.append(token)

@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from continuous_batching.model_runner import SeqStep
+from continuous_batching.request import Sequence
 from experiments.decode_step import random_model, scattered_runner, time_steps
 from experiments.run import keep_freed_memory
 
@@ -50,7 +50,7 @@ def main() -> None:
         for backend in args.backend:
             runner, tables = scattered_runner(model, lengths, rng, backend)
             prompts = [rng.integers(3, 40000, n).tolist() for n in lengths]
-            seqs = [SeqStep(t, n, p) for t, n, p in zip(tables, lengths, prompts)]
+            seqs = [Sequence.in_cache(t, n, p) for t, n, p in zip(tables, lengths, prompts)]
             ms, first = time_steps(runner, seqs, args.repeats)
             print(f"| {budget} | {len(lengths)} | {sum(lengths)} | {backend} | {ms:.0f} | "
                   f"{sum(lengths) / ms * 1e3:.0f} | {first:.1f} |", flush=True)

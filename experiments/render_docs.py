@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import yaml
 
-from experiments.report import agreement_lines, claims_table, markdown_table
+from experiments.tables import agreement_lines, claims_table, markdown_table, sweep_table
 
 KINDS = ("table", "claims", "sweep", "provenance", "plot", "startup", "summary")
 OPEN = re.compile(r"<!-- results: (?P<spec>[^>]*?) -->\n")
@@ -202,8 +202,6 @@ class Renderer:
 
     def sweep(self, name: str, result: dict) -> str:
         """The harness's sweep table; the latency bound comes from the results file, else the config."""
-        from experiments.sweep import sweep_table
-
         bound = result.get("latency_bound_s_per_token")
         config_path = self.root / "experiments" / "configs" / f"{result['experiment']}.yaml"
         if bound is None and config_path.is_file():

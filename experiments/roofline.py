@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from experiments.engines import RunTrace
+from experiments.trace import RunTrace
 
 
 def matmul_flops_per_token(config) -> int:

@@ -24,9 +24,11 @@ from experiments.config import ConfigError, ExperimentConfig, check_against_mode
 from experiments.model_source import read_model_config  # noqa: E402
 from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
 from experiments.compile_cache import default_cache_dir, enable_compilation_cache  # noqa: E402
-from experiments.engines import OptionalEngineMissing, build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402
+from experiments.engines import build_engine, drop_compiled_programs, warm_up_and_serve  # noqa: E402
+from experiments.trace import OptionalEngineMissing  # noqa: E402
 from experiments.metrics import summarize  # noqa: E402
-from experiments.report import agreement_lines, claims_table, markdown_table, write_results  # noqa: E402
+from experiments.report import write_results  # noqa: E402
+from experiments.tables import agreement_lines, claims_table, markdown_table  # noqa: E402
 from experiments.workloads import build_workload, describe  # noqa: E402
 
 
@@ -91,7 +93,8 @@ def _save_partial(out_dir: Path, config: ExperimentConfig, runs: list[dict]) -> 
 
 
 def _run_rate_sweep(model, config: ExperimentConfig, requests, out_dir: Path) -> dict:
-    from experiments.sweep import plot_sweep, run_sweep, sustained_rates, sweep_table
+    from experiments.sweep import plot_sweep, run_sweep
+    from experiments.tables import sustained_rates, sweep_table
 
     runs = run_sweep(model, config, requests, lambda runs: _save_partial(out_dir, config, runs))
     result = {"experiment": config.experiment, "description": config.description, "model": config.model,

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.engines import RequestRecord, RunTrace, kv_bytes_per_token
+from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 from models.llama import forward
 from models.static_batch import prompt_bucket, round_up

@@ -54,32 +54,6 @@ def run_sweep(model, config, requests: list[Request],
     return runs
 
 
-def sustained_rates(config, runs: list[dict]) -> dict[str, float | None]:
-    """Per run: the highest swept rate below which every rate keeps normalized latency under the
-    bound (None: not even the lowest)."""
-    best: dict[str, float | None] = {r.name: None for r in config.runs}
-    for base in best:
-        points = sorted((run["config"]["request_rate"], run["metrics"]["normalized_latency_s_per_token"])
-                        for run in runs if run["config"]["name"] == base)
-        for rate, latency in points:
-            if latency > config.latency_bound_s_per_token:
-                break
-            best[base] = rate
-    return best
-
-
-def sweep_table(config, runs: list[dict]) -> str:
-    rates = config.request_rates
-    lines = ["| run | " + " | ".join(f"{r:g} req/s" for r in rates) + " | sustained rate |",
-             "|---|" + "---|" * (len(rates) + 1)]
-    by_name = {run["name"]: run["metrics"] for run in runs}
-    for base, sustained in sustained_rates(config, runs).items():
-        cells = [f"{by_name[f'{base}@{r:g}']['normalized_latency_s_per_token']:.3f}" for r in rates]
-        lines.append(f"| {base} | " + " | ".join(cells) + f" | {'-' if sustained is None else f'{sustained:g}'} |")
-    return ("normalized latency (s/token) by request rate; sustained = highest rate at <= "
-            f"{config.latency_bound_s_per_token:g} s/token\n" + "\n".join(lines))
-
-
 def plot_sweep(path: Path, config, runs: list[dict], title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for base in (r.name for r in config.runs):

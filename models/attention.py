@@ -2,11 +2,7 @@
 
 A backend is a function `(q, k, v, layer_cache, positions, metadata) -> (out, layer_cache)` where
 q is `[*lead, num_heads, head_dim]`, k and v are `[*lead, kv_heads, head_dim]` (RoPE applied) and
-out is `[*lead, num_heads, head_dim]`.
-
-    contiguous       the naive `[batch, kv_heads, max_len, head_dim]` cache (or no cache at all)
-    paged            paged KV cache through the Pallas kernels (interpreted when there is no GPU)
-    paged_reference  the same cache through the kernels' pure-jnp references
+out is `[*lead, num_heads, head_dim]`. The backends and their names: `paged_attention/backend_names.py`.
 """
 
 from __future__ import annotations

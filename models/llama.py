@@ -1,11 +1,13 @@
 """The Llama-family decoder as pure functions over a params pytree.
 
-    forward(params, tokens, positions, kv_cache, metadata, *, config, backend) -> (logits, kv_cache)
+    forward(params, tokens, positions, kv_cache, metadata, *, config, backend, ops) -> (logits, kv_cache)
 
 The model knows nothing of tensor parallelism or quantization (those transform `params` from the
-outside) and nothing of how the KV cache is laid out: `models.attention` dispatches each layer's
-attention to the backend named by `backend`. Token arrays may have any leading shape the backend
-understands (`[batch, tokens]` for the contiguous cache).
+outside), nothing of how its ops are implemented (every op comes from the ops set `ops` names,
+`models/ops.py`: fused kernels and quantized weights enter there) and nothing of how the KV cache is
+laid out (the `attention` op dispatches to the backend named by `backend`, `models/attention.py`).
+`decoder_layer` is public so a pipeline stage can run a slice of the layers. Token arrays may have
+any leading shape the backend understands (`[batch, tokens]` for the contiguous cache).
 
 Params pytree (matmul weights stored `[in, out]`, so a projection is `x @ w`):
     {"embed": [vocab, hidden],
@@ -26,79 +28,55 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.attention import attend
 from models.config import ModelConfig
+from models.ops import Ops, get_ops, rope_cos_sin
 
 Params = dict[str, Any]
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in f32, cast back to x's dtype, then scaled (HF Llama order)."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables f32[*positions.shape, head_dim] for the rotate-half RoPE convention."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # f32[..., head_dim/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [..., heads, head_dim] by the tables [..., head_dim] (HF `rotate_half` layout)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[..., None, :].astype(x.dtype), sin[..., None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def mlp(x: jax.Array, layer: Params) -> jax.Array:
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-    return (jax.nn.silu(x @ layer["w_gate"]) * (x @ layer["w_up"])) @ layer["w_down"]
-
-
-def attention_block(x, layer, cos, sin, layer_cache, positions, metadata, *, config, backend):
-    """Project to q/k/v, apply RoPE, attend through the backend, project out."""
-    lead = x.shape[:-1]
-    q = (x @ layer["wq"]).reshape(*lead, config.num_heads, config.head_dim)
-    k = (x @ layer["wk"]).reshape(*lead, config.num_kv_heads, config.head_dim)
-    v = (x @ layer["wv"]).reshape(*lead, config.num_kv_heads, config.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, layer_cache = attend(backend, q, k, v, layer_cache, positions, metadata)
-    return out.reshape(*lead, config.num_heads * config.head_dim) @ layer["wo"], layer_cache
+def decoder_layer(layer: Params, hidden: jax.Array, residual: jax.Array | None, cos: jax.Array,
+                  sin: jax.Array, layer_cache, positions: jax.Array, metadata: Any, *, config: ModelConfig,
+                  backend: str, ops: Ops) -> tuple[jax.Array, jax.Array, Any]:
+    """One pre-norm decoder layer on the (hidden, residual) carry, whose sum is the layer's input
+    (residual None for the first layer: hidden is the embedding). Returns (hidden, residual,
+    layer_cache) for the next layer; the residual add is left to the next norm, so an ops set can
+    fuse it (vLLM's fused add + RMSNorm). hidden, residual: [*lead, hidden_size]."""
+    eps = config.rms_norm_eps
+    h, residual = ops.rms_norm(hidden, layer["attn_norm"], eps, residual)
+    q, k, v = ops.qkv_rope(h, layer, cos, sin, config=config)
+    out, layer_cache = ops.attention(q, k, v, layer_cache, positions, metadata, backend=backend)
+    h = ops.linear(out.reshape(*out.shape[:-2], config.num_heads * config.head_dim), layer["wo"])
+    h, residual = ops.rms_norm(h, layer["mlp_norm"], eps, residual)
+    return ops.swiglu_mlp(h, layer), residual, layer_cache
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, kv_cache: list | None = None,
-            metadata: Any = None, *, config: ModelConfig, backend: str = "contiguous",
+            metadata: Any = None, *, config: ModelConfig, backend: str = "contiguous", ops: str | Ops = "xla",
             logits_indices: jax.Array | None = None) -> tuple[jax.Array, list | None]:
     """Run the decoder.
 
     tokens, positions: i32[*lead] (e.g. [batch, tokens]). kv_cache: the backend's per-layer caches,
-    or None to attend only within `tokens` (no cache). logits_indices: optional i32[k] indices into
-    the flattened tokens; when given, logits are computed only there (skips the LM head for prompt
-    tokens whose logits nobody reads). Returns (f32 logits [*lead, vocab] or [k, vocab], kv_cache).
+    or None to attend only within `tokens` (no cache). ops: the ops set (`models.ops`), by name or
+    instance. logits_indices: optional i32[k] indices into the flattened tokens; when given, logits
+    are computed only there (skips the LM head for prompt tokens whose logits nobody reads). Returns
+    (f32 logits [*lead, vocab] or [k, vocab], kv_cache).
     """
-    x = params["embed"][tokens]  # [*lead, hidden]
+    ops = get_ops(ops)
+    hidden, residual = ops.embed(params["embed"], tokens), None  # [*lead, hidden]
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
     new_cache = None if kv_cache is None else []
     for i, layer in enumerate(params["layers"]):
         layer_cache = None if kv_cache is None else kv_cache[i]
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        h, layer_cache = attention_block(h, layer, cos, sin, layer_cache, positions, metadata,
-                                         config=config, backend=backend)
-        x = x + h
-        x = x + mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
+        hidden, residual, layer_cache = decoder_layer(layer, hidden, residual, cos, sin, layer_cache, positions,
+                                                      metadata, config=config, backend=backend, ops=ops)
         if new_cache is not None:
             new_cache.append(layer_cache)
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    x, _ = ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, residual)
     if logits_indices is not None:
         x = x.reshape(-1, x.shape[-1])[logits_indices]  # [k, hidden]
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-    return logits, new_cache
+    if config.tie_word_embeddings:
+        return ops.logits(x, params["embed"], transposed=True), new_cache
+    return ops.logits(x, params["lm_head"]), new_cache
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> Params:

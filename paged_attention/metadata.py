@@ -1,8 +1,9 @@
 """Attention metadata for a paged KV cache: the device arrays one model step needs.
 
-The model runner builds this from the block manager's host-side state; the `paged` attention backends
-read it. Token arrays are flat (`[num_tokens]`: the new tokens of every scheduled sequence, one after
-the other, padded at the end) and sequences are padded to a bucket, so `jax.jit` sees few shapes.
+The model runner builds this from the block manager's host-side state, as numpy arrays, and moves
+the whole pytree to the device in one transfer per step; the `paged` attention backends read it.
+Token arrays are flat (`[num_tokens]`: the new tokens of every scheduled sequence, one after the
+other, padded at the end) and sequences are padded to a bucket, so `jax.jit` sees few shapes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,8 +29,8 @@ class PagedMetadata:
     # kernel. None: one kernel for the whole step.
     num_prefill_tokens: int | None = None
     num_prefill_seqs: int | None = None
-    # (pseq, qidx, rows) of `decode_cpu.build_decode_indices` for the decode rows, when the step runs
-    # the CPU decode path (backend "paged_cpu"); None otherwise.
+    # (pair_seq, pair_query, pair_rows) of `decode_cpu.build_decode_indices` for the decode rows, when
+    # the step runs the CPU decode path (backend "paged_cpu"); None otherwise.
     decode_pairs: tuple | None = None
     # The arrays of `prefill_cpu.build_prefill_indices` for the prefill rows, when the step runs the
     # packed CPU prefill (backend "paged_cpu"); None otherwise.
@@ -70,8 +70,7 @@ class PagedMetadata:
         decode_only = bool(n > 0 and np.all(query_lens == 1) and num_tokens == num_seqs)
         longest = int(query_lens.max()) if n else 1
         max_query_len = min(num_tokens, 1 << max(0, longest - 1).bit_length())  # bucketed: few compiles
-        return cls(jax.device_put(slots), jax.device_put(tables), jax.device_put(lens), jax.device_put(starts),
-                   decode_only, max_query_len)
+        return cls(slots, tables, lens, starts, decode_only, max_query_len)
 
 
     @classmethod
@@ -94,9 +93,9 @@ class PagedMetadata:
             tables.append(decode.block_tables)
             lens.append(decode.context_lens)
             slots.append(decode.slot_mapping)
-        # joined on the host and moved with device_put: jnp.concatenate, like jnp.asarray of a numpy
-        # array in jax 0.10, compiles a small program per new shape, which a frozen server must not do
-        joined = [jax.device_put(np.concatenate([np.asarray(a) for a in parts])) for parts in (slots, tables, lens)]
+        # joined on the host: jnp.concatenate compiles a small program per new shape, which a frozen
+        # server must not do
+        joined = [np.concatenate(parts) for parts in (slots, tables, lens)]
         return cls(*joined, prefill.query_start_loc, False, prefill.max_query_len, num_prefill_tokens, num_prefill_seqs)
 
 

@@ -36,7 +36,8 @@ HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
              "continuous_batching/request.py", "continuous_batching/reservation.py",
              "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py",
              "continuous_batching/beam_search.py", "continuous_batching/step_shapes.py",
-             "experiments/config_checks.py", "experiments/metric_names.py")
+             "experiments/config_checks.py", "experiments/metric_names.py",
+             "paged_attention/backend_names.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 
@@ -190,3 +191,74 @@ def test_checker_follows_project_imports_to_jax(tmp_path):
     chains = jax_import_chains(tmp_path / "continuous_batching/scheduler.py", tmp_path)
     # the block manager itself is clean, but its package __init__ pulls in JAX
     assert "paged_attention -> paged_attention.contiguous -> jax.numpy" in " ".join(chains), chains
+
+
+# ----- no import circles ---------------------------------------------------------------------------
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (anywhere in the file, package parents included)."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            name = module_name(path, root)
+            targets = {step for target in imports_of_file(path, root) for step in parents_and_self(target)}
+            graph[name] = {t for t in targets if module_file(t, root) is not None and t != name
+                           and not name.startswith(t + ".")}  # a module's own package runs first anyway
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circles():
+    assert import_circles(import_graph()) == []
+
+
+def test_circle_checker_finds_a_circle_through_a_function_level_import(tmp_path):
+    write(tmp_path, {f"{p}/__init__.py": "" for p in PACKAGES})
+    write(tmp_path, {
+        "experiments/engines.py": "def make():\n    from experiments import paged\n",
+        "experiments/paged.py": "from experiments.engines import make\n",
+        "experiments/trace.py": "",
+        "experiments/static.py": "from experiments.trace import x\n",
+    })
+    assert import_circles(import_graph(tmp_path)) == [["experiments.engines", "experiments.paged"]]
+
+
+def test_backend_names_are_the_backends():
+    """The JAX-free name list configs check against is the attention switch's own."""
+    from models.attention import BACKENDS as FUNCTIONS
+    from paged_attention.backend_names import BACKENDS
+
+    assert set(BACKENDS) == set(FUNCTIONS)

@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import models
 from models.loading import to_transformers
-from experiments.engines import BatchOutcome, kv_bytes_per_token, serve_static_batches, untimed_pass
+from experiments.trace import BatchOutcome, kv_bytes_per_token, serve_static_batches, untimed_pass
 from experiments.provenance import host_cores
 from experiments.workloads import Request
 

@@ -23,8 +23,7 @@ import numpy as np
 
 import models
 from experiments.provenance import host_cores
-from experiments.engines import (OptionalEngineMissing, RequestRecord, RunTrace, kv_bytes_per_token,
-                                 untimed_pass)
+from experiments.trace import OptionalEngineMissing, RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 import models
 from experiments.baselines.llama_cpp import LlamaCppEngine
-from experiments.engines import RequestRecord, RunTrace
+from experiments.trace import RequestRecord, RunTrace
 from experiments.provenance import host_cores
 from experiments.workloads import Request
 

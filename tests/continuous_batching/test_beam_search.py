@@ -123,7 +123,7 @@ def test_engine_equals_the_reference_beam_search(tiny_model, prompts, width, n, 
     for prompt, out in zip(prompts, outs):
         assert out.finished and out.prompt_token_ids == prompt
         assert_matches(out.outputs, reference_beam_search(tiny_model, prompt, params))
-    assert not engine.requests and not engine.seq_owner and engine.manager.num_used_blocks == 0
+    assert not engine.requests and engine.manager.num_used_blocks == 0
     assert (engine.manager.prefix_hits > 0) == caching  # with caching, rounds found earlier rounds' blocks
 
 
@@ -206,5 +206,5 @@ def test_abort_a_beam_request_mid_round_frees_everything(tiny_model, prompts):
     outs += [o for _ in range(50) for o in engine.step()]
     assert [o.request_id for o in outs] == [keep]
     assert_matches(outs[0].outputs, reference_beam_search(tiny_model, prompts[0], params))
-    assert not engine.has_unfinished() and not engine.requests and not engine.seq_owner
+    assert not engine.has_unfinished() and not engine.requests
     assert engine.manager.num_used_blocks == 0 and engine.manager.num_free_blocks == CONFIG["num_blocks"]

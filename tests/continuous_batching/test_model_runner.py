@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep
+from continuous_batching.model_runner import PagedModelRunner
+from continuous_batching.request import Sequence
+
+in_cache = Sequence.in_cache  # a sequence whose earlier tokens are in the cache, bringing new ones
 
 
 @pytest.fixture
@@ -21,7 +24,7 @@ def test_buckets(runner):
 
 
 def test_a_full_decode_step_uses_the_decode_kernel(runner):
-    runner.step([SeqStep([i], 1, [5]) for i in range(3)])  # 3 sequences x 1 token, bucket 4
+    runner.step([in_cache([i], 1, [5]) for i in range(3)])  # 3 sequences x 1 token, bucket 4
     assert runner.shapes_run == {(0, 0, 4, 4, 0, 0)}  # no CPU index lists on this backend
 
 
@@ -29,15 +32,15 @@ def test_prompt_then_decode_matches_naive(runner, tiny_model):
     prompt = [5, 9, 14, 3, 7, 8]
     expected = models.generate(tiny_model, [prompt], max_new_tokens=3, ignore_eos=True)[0]
     table = [2, 7]  # any blocks: 6 prompt tokens + 2 decoded fit in 2 blocks of 4
-    got = runner.step([SeqStep(table, 6, prompt)]).tokens
+    got = runner.step([in_cache(table, 6, prompt)]).tokens
     for context in (7, 8):
-        got += runner.step([SeqStep(table, context, [got[-1]])]).tokens
+        got += runner.step([in_cache(table, context, [got[-1]])]).tokens
     assert got == expected
     assert runner.shapes_run == {(16, 1, 0, 4, 0, 0), (0, 0, 4, 4, 0, 0)}  # one prompt bucket, one decode shape
 
 
 def test_copy_on_write_copies_a_block(runner, tiny_model):
-    runner.step([SeqStep([1, 2], 6, [5, 9, 14, 3, 7, 8])])
+    runner.step([in_cache([1, 2], 6, [5, 9, 14, 3, 7, 8])])
     runner.copy_blocks([(2, 9)])
     k, _ = runner.kv_cache[0]
     assert (k[:, 9] == k[:, 2]).all()  # [kv_heads, blocks, block_size, head_dim]
@@ -45,7 +48,7 @@ def test_copy_on_write_copies_a_block(runner, tiny_model):
 
 def test_step_validation(runner):
     with pytest.raises(ValueError, match="max_num_seqs=3"):
-        runner.step([SeqStep([0], 1, [1])] * 4)
+        runner.step([in_cache([0], 1, [1])] * 4)
     with pytest.raises(ValueError, match="max_num_seqs=3"):
         runner.step([])
 
@@ -55,8 +58,8 @@ def test_a_mixed_step_splits_prompts_and_decodes_and_keeps_the_callers_order(run
     the order the sequences were given, and equal what each gets alone."""
     prompts = [[5, 9, 14, 3, 7, 8], [11, 12, 13]]
     expected = models.generate(tiny_model, prompts, max_new_tokens=2, ignore_eos=True)
-    first = runner.step([SeqStep([0, 1], 6, prompts[0])]).tokens  # seq 0's prompt alone
-    mixed = runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, prompts[1])]).tokens
+    first = runner.step([in_cache([0, 1], 6, prompts[0])]).tokens  # seq 0's prompt alone
+    mixed = runner.step([in_cache([0, 1], 7, first), in_cache([4], 3, prompts[1])]).tokens
     assert (first + mixed[:1], mixed[1:]) == (expected[0], expected[1][:1])
     assert (16, 1, 4, 4, 0, 0) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
 
@@ -68,8 +71,8 @@ def test_every_backend_runs_split_steps_like_the_reference(tiny_model):
     for backend in ("paged", "paged_cpu", "paged_reference"):
         runner = PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
                                   backend=backend)
-        first = runner.step([SeqStep([0, 1], 6, [5, 9, 14, 3, 7, 8])]).tokens
-        tokens[backend] = first + runner.step([SeqStep([0, 1], 7, first), SeqStep([4], 3, [11, 12, 13])]).tokens
+        first = runner.step([in_cache([0, 1], 6, [5, 9, 14, 3, 7, 8])]).tokens
+        tokens[backend] = first + runner.step([in_cache([0, 1], 7, first), in_cache([4], 3, [11, 12, 13])]).tokens
     assert tokens["paged"] == tokens["paged_cpu"] == tokens["paged_reference"]
 
 
@@ -84,8 +87,8 @@ def test_packed_cpu_prefill_spans_several_tiles_and_key_chunks(tiny_model):
         runner = PagedModelRunner(tiny_model, num_blocks=64, block_size=4, max_num_seqs=3, max_blocks_per_seq=32,
                                   backend=backend)
         tables = [list(range(0, 24)), list(range(24, 40))]
-        first = runner.step([SeqStep(tables[0], 75, prompts[0]), SeqStep(tables[1], 20, prompts[1][:20])]).tokens
-        second = runner.step([SeqStep(tables[0], 76, first[:1]), SeqStep(tables[1], 40, prompts[1][20:])]).tokens
+        first = runner.step([in_cache(tables[0], 75, prompts[0]), in_cache(tables[1], 20, prompts[1][:20])]).tokens
+        second = runner.step([in_cache(tables[0], 76, first[:1]), in_cache(tables[1], 40, prompts[1][20:])]).tokens
         tokens[backend] = first[:1] + second
         assert all(len(shape) == 6 for shape in runner.shapes_run)
     assert tokens["paged_cpu"] == tokens["paged_reference"]

@@ -12,7 +12,7 @@ from paged_attention.block_manager import NoFreeBlocksError
 
 def test_rules():
     assert reservation_tokens("max", 10, 20, 512) == 512
-    assert reservation_tokens("pow2", 10, 20, 512) == 32
+    assert reservation_tokens("pow2", 10, 20, 512) == 10 + 32  # outputs rounded up (vLLM paper, 6.1)
     assert reservation_tokens("pow2", 300, 300, 512) == 512  # capped
     assert reservation_tokens("oracle", 10, 20, 512) == 30
     with pytest.raises(ValueError, match="reservation must be one of"):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 
 import models
-from continuous_batching.model_runner import PagedModelRunner, SeqStep
+from continuous_batching.model_runner import PagedModelRunner
+from continuous_batching.request import Sequence
 from continuous_batching.step_shapes import ShapeSet, StepShape
 from experiments.compile_watch import CompileWatch
+
+in_cache = Sequence.in_cache  # a sequence whose earlier tokens are in the cache, bringing new ones
 
 DECODE = StepShape(0, 0, 8, 16, 128, 0)
 MIXED = StepShape(64, 2, 4, 16, 64, 64)
@@ -49,14 +52,14 @@ def test_a_frozen_runner_pads_a_new_step_instead_of_compiling(tiny_model):
 
     prompts = [[5, 9, 14, 3, 7, 8, 2, 11, 4, 6, 13, 1, 10], [3, 1, 4], [15, 9, 2, 6, 5]]
     warm = runner()
-    warm.step([SeqStep([0, 1, 2, 3], 13, prompts[0]), SeqStep([4], 3, prompts[1])])  # 16 tokens, 2 rows
-    warm.step([SeqStep([8, 9], 5, prompts[2]), SeqStep([0, 1, 2, 3], 14, [7])])  # prefill + decode
+    warm.step([in_cache([0, 1, 2, 3], 13, prompts[0]), in_cache([4], 3, prompts[1])])  # 16 tokens, 2 rows
+    warm.step([in_cache([8, 9], 5, prompts[2]), in_cache([0, 1, 2, 3], 14, [7])])  # prefill + decode
     warm.shapes.frozen = True
     for shape, flags in warm.shapes.envelope():
         warm.compile_shape(shape, flags)
     frozen, fresh = runner(), runner()
     frozen.shapes = warm.shapes
-    step = [SeqStep([4, 5], 5, prompts[2])]  # 1 prefill row: its own shape was never compiled
+    step = [in_cache([4, 5], 5, prompts[2])]  # 1 prefill row: its own shape was never compiled
     with CompileWatch() as watch:
         tokens = frozen.step(step).tokens
     assert watch.programs == 0 and warm.shapes.padded_steps == 1

@@ -124,7 +124,7 @@ def test_report_groups_match_the_report_kinds():
     they all report; a run of another group does not."""
     from experiments.config_checks import REPORT_GROUPS
     from experiments.metric_names import METRICS
-    from experiments.report import _TABLES, _table_kind
+    from experiments.tables import _TABLES, _table_kind
 
     def runs(*engines):
         return [{"name": e, "config": {"engine": e}, "metrics": dict.fromkeys(METRICS[e], 1.0)} for e in engines]

@@ -13,7 +13,8 @@ import pytest
 import models
 from experiments.baselines.llama_cpp import f32_gguf
 from experiments.config import parse_config
-from experiments.engines import OptionalEngineMissing, make_engine
+from experiments.engines import make_engine
+from experiments.trace import OptionalEngineMissing
 from experiments.roofline import matmul_flops_per_token
 from experiments.run import run_experiment
 from models.config import PRESETS

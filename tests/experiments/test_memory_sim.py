@@ -6,7 +6,7 @@ import pytest
 
 import models
 from experiments.config import MemorySimRunConfig
-from experiments.engines import kv_bytes_per_token
+from experiments.trace import kv_bytes_per_token
 from experiments.memory_sim import MemorySimEngine, reservation
 from experiments.metrics import summarize
 from experiments.workloads import Request

@@ -45,13 +45,13 @@ def test_precompiled_run_compiles_nothing_and_matches_the_untimed_pass(tiny_mode
 def test_continuous_precompile_runs_one_step_per_new_shape(tiny_model, monkeypatch):
     """The dry run serves nothing: the model runs once per step shape it compiles, not per step."""
     runs = []
-    original = PagedModelRunner._run
+    original = PagedModelRunner.run
 
-    def counting_run(self, *args):
-        runs.append(args[3])  # the step's shape
-        return original(self, *args)
+    def counting_run(self, prepared):
+        runs.append(prepared.shape)
+        return original(self, prepared)
 
-    monkeypatch.setattr(PagedModelRunner, "_run", counting_run)
+    monkeypatch.setattr(PagedModelRunner, "run", counting_run)
     drop_compiled_programs()
     engine = make_engine(tiny_model, _run_config("continuous", "precompile"), REQUESTS)
     engine.precompile()
@@ -76,7 +76,7 @@ def test_every_precompile_engine_has_precompile():
     from experiments.baselines.hf_generate import HFGenerateEngine
     from experiments.baselines.llama_cpp import LlamaCppEngine
     from experiments.continuous_engine import ContinuousServeEngine
-    from experiments.engines import StaticEngine
+    from experiments.static_engine import StaticEngine
     from experiments.paged_engine import PagedStaticEngine
 
     classes = {"static": StaticEngine, "hf": HFGenerateEngine, "paged": PagedStaticEngine,

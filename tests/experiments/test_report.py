@@ -13,7 +13,8 @@ import pytest
 
 from experiments import provenance
 from experiments.render_docs import main as render
-from experiments.report import claims_table, markdown_table, write_results
+from experiments.report import write_results
+from experiments.tables import claims_table, markdown_table
 
 RUNS = [{"name": "a", "config": {"engine": "static"},
          "metrics": {"output_tokens_per_s": 10.0, "requests_per_s": 1.0, "kv_utilization": 0.5}},

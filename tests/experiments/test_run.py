@@ -142,7 +142,7 @@ def _two_static_runs(check: bool) -> dict:
 def test_check_same_outputs_fails_the_command_on_a_mismatch(tmp_path, monkeypatch, capsys, check):
     import yaml
 
-    from experiments.engines import StaticEngine
+    from experiments.static_engine import StaticEngine
 
     real_serve = StaticEngine.serve
 

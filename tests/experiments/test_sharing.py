@@ -11,7 +11,7 @@ import pytest
 import models
 from experiments.config import ConfigError, SharingRunConfig, parse_config
 from experiments.metrics import summarize
-from experiments.report import markdown_table
+from experiments.tables import markdown_table
 from experiments.sharing import (SharingCounter, SharingSimEngine, beam_search, sample_output_lens,
                                  simulate_parallel_sampling)
 from experiments.workloads import Request

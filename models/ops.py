@@ -1,0 +1,120 @@
+"""The ops seam: every computation the decoder does, bundled in one frozen ops set chosen by name.
+
+    ops = get_ops("xla")                                   # or an Ops instance (a subclass)
+    x = ops.embed(params["embed"], tokens)                 # [*lead, hidden]
+    h, residual = ops.rms_norm(x, weight, eps, residual)   # residual add fused into the norm
+    q, k, v = ops.qkv_rope(h, layer, cos, sin, config=config)
+    out, layer_cache = ops.attention(q, k, v, layer_cache, positions, metadata, backend=backend)
+    y = ops.linear(h, w)                                   # w: an array or a QuantizedTensor
+    y = ops.swiglu_mlp(h, layer)
+    logits = ops.logits(x, head, transposed=tied)          # f32
+
+`models/llama.py` calls only these, so a fused kernel (a subclass overriding `rms_norm` or
+`swiglu_mlp`), a quantized weight (a `quantization.QuantizedTensor` leaf in params, which `linear`
+and `embed` dequantize) or a new attention path enters without editing the model. The composite ops
+(`qkv_rope`, `swiglu_mlp`) are written in terms of `self.linear`, so an ops set that only replaces
+`linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
+argument of the jitted step, and two sets with the same class and name compile to the same program.
+
+    xla   plain jnp; XLA fuses what it can (the model's ops before the seam existed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from models.attention import attend
+from quantization.quantized_tensor import QuantizedTensor
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in f32, cast back to x's dtype, then scaled (HF Llama order)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables f32[*positions.shape, head_dim] for the rotate-half RoPE convention."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # f32[..., head_dim/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [..., heads, head_dim] by the tables [..., head_dim] (HF `rotate_half` layout)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[..., None, :].astype(x.dtype), sin[..., None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def dense(weight, dtype) -> jax.Array:
+    """A weight leaf as a plain array: a QuantizedTensor dequantized to `dtype`, an array as is."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantizedTensor) else weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The `xla` ops set, and the base class of every other (override the ops you replace)."""
+
+    name: str = "xla"
+
+    def embed(self, table, tokens: jax.Array) -> jax.Array:
+        """Rows of the embedding table [vocab, hidden] (array or QuantizedTensor): [*tokens.shape, hidden]."""
+        if isinstance(table, QuantizedTensor):
+            return table.take_rows(tokens)
+        return table[tokens]
+
+    def linear(self, x: jax.Array, weight) -> jax.Array:
+        """x [..., in] @ weight [in, out] (array or QuantizedTensor) -> [..., out] in x's dtype."""
+        return x @ dense(weight, x.dtype)
+
+    def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float,
+                 residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(RMSNorm(x + residual), x + residual); without a residual, (RMSNorm(x), x)."""
+        if residual is not None:
+            x = x + residual
+        return rms_norm(x, weight, eps), x
+
+    def qkv_rope(self, x: jax.Array, layer: dict, cos: jax.Array, sin: jax.Array, *, config):
+        """Project x [*lead, hidden] to q [*lead, heads, head_dim] and k, v [*lead, kv_heads, head_dim],
+        with RoPE applied to q and k."""
+        lead = x.shape[:-1]
+        q = self.linear(x, layer["wq"]).reshape(*lead, config.num_heads, config.head_dim)
+        k = self.linear(x, layer["wk"]).reshape(*lead, config.num_kv_heads, config.head_dim)
+        v = self.linear(x, layer["wv"]).reshape(*lead, config.num_kv_heads, config.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def swiglu_mlp(self, x: jax.Array, layer: dict) -> jax.Array:
+        """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+        gate = jax.nn.silu(self.linear(x, layer["w_gate"]))
+        return self.linear(gate * self.linear(x, layer["w_up"]), layer["w_down"])
+
+    def attention(self, q, k, v, layer_cache, positions, metadata, *, backend: str):
+        """One layer's attention through the named KV-cache backend (`models.attention`)."""
+        return attend(backend, q, k, v, layer_cache, positions, metadata)
+
+    def logits(self, x: jax.Array, head, *, transposed: bool = False) -> jax.Array:
+        """f32 logits x [..., hidden] @ head [hidden, vocab] (or head.T when `transposed`: a tied
+        embedding table [vocab, hidden])."""
+        head = dense(head, x.dtype)
+        return jnp.matmul(x, head.T if transposed else head, preferred_element_type=jnp.float32)
+
+
+OPS_SETS: dict[str, Ops] = {"xla": Ops()}
+
+
+def get_ops(kernels: "str | Ops") -> Ops:
+    """The ops set named `kernels` (one of `OPS_SETS`), or `kernels` itself when it is an Ops."""
+    if isinstance(kernels, Ops):
+        return kernels
+    try:
+        return OPS_SETS[kernels]
+    except (KeyError, TypeError):
+        raise ValueError(f"kernels must be one of {sorted(OPS_SETS)} (or an models.ops.Ops), "
+                         f"got {kernels!r}") from None
