@@ -36,6 +36,7 @@ from continuous_batching.request import Sequence, Status
 from continuous_batching.reservation import ReservationManager
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.scheduler import Scheduler
+from continuous_batching.step_shapes import ShapeSet
 from continuous_batching.stop_checker import StopChecker
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
@@ -81,7 +82,9 @@ class _Request:
 class Engine:
     """Continuous-batching engine over one model (see the module docstring)."""
 
-    def __init__(self, model: models.Model, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: models.Model, config: EngineConfig = EngineConfig(), *, shapes: ShapeSet | None = None):
+        """shapes: the compiled step-shape set to use (a server shares one across engines and
+        freezes it after its warm-up, `step_shapes.py`); None: a fresh one."""
         self.model, self.config = model, config
         limit = model.config.max_position_embeddings
         if config.max_model_len > limit:
@@ -104,6 +107,8 @@ class Engine:
                                        max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend,
                                        kernels=config.kernels, num_cpu_blocks=config.num_cpu_blocks,
                                        kv_cache_dtype=config.kv_cache_dtype, mesh=config.mesh)
+        if shapes is not None:
+            self.runner.shapes = shapes
         self.requests: dict[int, _Request] = {}
         self._request_ids, self._seq_ids = itertools.count(), itertools.count()
         self.num_steps = 0
@@ -275,6 +280,14 @@ class Engine:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(tokens whose K/V the cache holds, KV blocks in use) right now."""
+        return self.manager.num_real_tokens, self.manager.num_used_blocks
 
     @property
     def num_compilations(self) -> int:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from continuous_batching.engine_config import KERNEL_SETS, KV_CACHE_DTYPES
 from experiments.config_checks import check_config, check_model_limits
 from paged_attention.backend_names import PAGED_BACKENDS
 
@@ -136,6 +137,8 @@ class ContinuousRunConfig(Strict):
     swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
     enable_prefix_caching: bool = False
     backend: Literal[PAGED_BACKENDS] = "paged_cpu"  # paged_attention/backend_names.py
+    kernels: Literal[KERNEL_SETS] = "xla"  # the model's ops set (models/ops.py)
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = "auto"  # auto: the model's dtype
 
 
 class LlamaCppRunConfig(Strict):

@@ -42,7 +42,8 @@ def engine_config(run_config, requests: list[Request]) -> EngineConfig:
                                    max(len(r.prompt) for r in requests)),
         max_model_len=max_model_len, preemption=run_config.preemption,
         num_cpu_blocks=run_config.swap_space_tokens // run_config.block_size,
-        enable_prefix_caching=run_config.enable_prefix_caching, backend=run_config.backend)
+        enable_prefix_caching=run_config.enable_prefix_caching, backend=run_config.backend,
+        kernels=run_config.kernels, kv_cache_dtype=run_config.kv_cache_dtype)
 
 
 class ContinuousServeEngine:
@@ -83,9 +84,7 @@ class ContinuousServeEngine:
         self.shapes.frozen = True
 
     def _engine(self) -> Engine:
-        engine = Engine(self.model, self.config)
-        engine.runner.shapes = self.shapes
-        return engine
+        return Engine(self.model, self.config, shapes=self.shapes)
 
     def serve(self, requests: list[Request], progress) -> RunTrace:
         engine = self._engine()
@@ -117,10 +116,10 @@ class ContinuousServeEngine:
             else:
                 decode_s += step_s
                 decode_tokens += len(engine.last_plan.seqs)
-            manager = engine.manager
-            used_peak = max(used_peak, manager.num_real_tokens)
-            blocks_peak = max(blocks_peak, manager.num_used_blocks)
-            util_sum += manager.num_real_tokens / max(1, manager.num_used_blocks * block_size)
+            tokens_used, blocks_used = engine.kv_usage()
+            used_peak = max(used_peak, tokens_used)
+            blocks_peak = max(blocks_peak, blocks_used)
+            util_sum += tokens_used / max(1, blocks_used * block_size)
             num_steps += 1
             for out in outputs:
                 r = by_engine_id[out.request_id]
@@ -137,7 +136,7 @@ class ContinuousServeEngine:
         generated = sum(r.output_len for r in requests)
         return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
                         util_sum / max(1, num_steps), generated, prefill_s,
-                        extra_metrics={"num_steps": num_steps, "num_preemptions": engine.scheduler.num_preemptions,
+                        extra_metrics={"num_steps": num_steps, "num_preemptions": engine.num_preemptions,
                                        "padded_steps": self.shapes.padded_steps - padded_before,
                                        "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
                                        "prefill_steps": engine.stats["prefill_steps"],

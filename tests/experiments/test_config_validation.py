@@ -178,6 +178,13 @@ def test_negative_seeds_name_the_key():
             "runs[0].seed: Input should be greater than or equal to 0 (got -3)")
 
 
+def test_engine_settings_of_the_continuous_run_name_their_values():
+    """`kernels` and `kv_cache_dtype` are EngineConfig's, checked against the same name lists."""
+    rejects(config(cont(kernels="fused")), "runs[0].kernels", "'xla'")
+    rejects(config(cont(kv_cache_dtype="int3")), "runs[0].kv_cache_dtype", "'bfloat16'")
+    parse_config(config(cont(kernels="xla", kv_cache_dtype="bfloat16")))
+
+
 # 7 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data, expected", [
     (config(cont(policy="continuous", reservation="max")),
