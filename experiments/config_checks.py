@@ -40,7 +40,7 @@ REPORT_GROUPS = (("static", "hf", "paged", "continuous", "llama-cpp", "gemm_roof
                  ("memory_sim",), ("sharing_sim",), ("attention_bench",))
 
 
-# Engines with a `precompile()` (experiments/engines.py), which `warmup: precompile` calls.
+# Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
 PRECOMPILE_ENGINES = ("static", "hf", "paged", "continuous", "llama-cpp")
 
 

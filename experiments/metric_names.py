@@ -33,7 +33,7 @@ RECORDS_TOKENS = ("static", "hf", "paged", "continuous", "llama-cpp")
 
 # engine (the YAML `engine:` tag) -> (base set, its RunTrace.extra_metrics, in the engine's module)
 _ENGINES = {
-    "static": (SERVING, ()),  # experiments/engines.py
+    "static": (SERVING, ()),  # experiments/static_engine.py
     "hf": (SERVING, ("torch_threads", "attn_implementation")),  # experiments/baselines/hf_generate.py
     "paged": (SERVING, ("prefix_cache_hit_rate", "cached_prompt_token_fraction")),  # experiments/paged_engine.py
     "continuous": (SERVING, ("num_steps", "num_preemptions", "padded_steps", "mean_seqs_per_step", "prefill_steps",
