@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 import models
 from continuous_batching.beam_search import BeamSearchState, round_params
 from continuous_batching.engine_config import EngineConfig
+from continuous_batching.engine_stats import EngineStats
 from continuous_batching.model_runner import PagedModelRunner, num_compilations
 from continuous_batching.request import Sequence, Status
 from continuous_batching.reservation import ReservationManager
@@ -82,9 +83,12 @@ class _Request:
 class Engine:
     """Continuous-batching engine over one model (see the module docstring)."""
 
-    def __init__(self, model: models.Model, config: EngineConfig = EngineConfig(), *, shapes: ShapeSet | None = None):
+    def __init__(self, model: models.Model, config: EngineConfig = EngineConfig(), *, shapes: ShapeSet | None = None,
+                 dry_run: bool = False):
         """shapes: the compiled step-shape set to use (a server shares one across engines and
-        freezes it after its warm-up, `step_shapes.py`); None: a fresh one."""
+        freezes it after its warm-up, `step_shapes.py`); None: a fresh one. dry_run: precompile by
+        a dry run of the scheduler: a step runs the model only when its shape is new, and otherwise
+        each sequence "samples" its last new token again (so requests should ignore EOS)."""
         self.model, self.config = model, config
         limit = model.config.max_position_embeddings
         if config.max_model_len > limit:
@@ -109,12 +113,10 @@ class Engine:
                                        kv_cache_dtype=config.kv_cache_dtype, mesh=config.mesh)
         if shapes is not None:
             self.runner.shapes = shapes
+        self.runner.dry_run = dry_run
         self.requests: dict[int, _Request] = {}
         self._request_ids, self._seq_ids = itertools.count(), itertools.count()
-        self.num_steps = 0
-        self.stats = {"prefill_steps": 0, "scheduled_seqs": 0, "prefill_tokens": 0, "decode_tokens": 0}
-        self.last_plan = None  # the last step's Schedule (for inspection)
-        self.last_step_prefilled = False  # whether the last step computed any prompt (or recompute) tokens
+        self.stats = EngineStats()
 
     # ----- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | dict | None = None) -> int:
@@ -195,15 +197,14 @@ class Engine:
     # ----- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that got tokens (or finished)."""
-        plan = self.last_plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule()
         if not plan.seqs:
             if self.scheduler.has_work() and not self.scheduler.running:
                 raise RuntimeError("no sequence could be scheduled although the cache is empty")
             return []
         self.runner.move_blocks(plan.swap_out, plan.block_copies, plan.swap_in)
-        self._count(plan)
+        self.stats.record(plan)
         result = self.runner.step([p.seq for p in plan.seqs])
-        self.num_steps += 1
         sampling = [(i, p.seq) for i, p in enumerate(plan.seqs) if p.samples]
         self.scheduler.update(plan, {seq.seq_id: result.tokens[i] for i, seq in sampling})
         touched: dict[int, list[int]] = {}
@@ -224,15 +225,6 @@ class Engine:
             touched.setdefault(request_id, []).append(index)
         outputs = [self._output(request_id, new_for=indices) for request_id, indices in touched.items()]
         return outputs + [out for request in rounds_done if (out := self._next_round(request))]
-
-    def _count(self, plan) -> None:
-        decode = sum(1 for p in plan.seqs if p.num_new_tokens == 1 and p.seq.output
-                     and p.seq.num_computed == p.seq.num_tokens - 1)
-        self.last_step_prefilled = decode < len(plan.seqs)
-        self.stats["prefill_steps"] += self.last_step_prefilled
-        self.stats["scheduled_seqs"] += len(plan.seqs)
-        self.stats["decode_tokens"] += decode
-        self.stats["prefill_tokens"] += plan.num_tokens - decode
 
     def _output(self, request_id: int, new_for: list[int]) -> RequestOutput:
         request = self.requests[request_id]
@@ -280,6 +272,10 @@ class Engine:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+    @property
+    def num_steps(self) -> int:
+        return self.stats.num_steps
 
     @property
     def num_preemptions(self) -> int:

@@ -23,6 +23,7 @@ Each technique is a setting of its own, and the four named policies are presets 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from continuous_batching.reservation import RESERVATIONS, reservation_tokens
 from continuous_batching.sampling_params import check_known_keys
@@ -33,16 +34,29 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_SETS = ("xla",)  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
 ADMISSIONS = ("batch", "iteration")
 KV_MEMORIES = ("reserved", "paged")
+
+
+class Policy(NamedTuple):
+    admission: str
+    kv_memory: str
+    chunked_prefill: bool
+    description: str
+
+    @property
+    def settings(self) -> tuple[str, str, bool]:
+        return self.admission, self.kv_memory, self.chunked_prefill
+
+
 POLICIES = {
-    "static": "FasterTransformer: a fixed batch runs until every member finishes; KV reserved per batch "
-              "(members x (longest prompt + largest max_tokens))",
-    "request_level": "Orca: requests join and leave at every step, each reserves a contiguous region",
-    "continuous": "vLLM: iteration-level scheduling on a paged KV cache, whole prompts per step",
-    "chunked_prefill": "Sarathi / Dynamic SplitFuse / vLLM V1: prompts split to fill a token budget",
+    "static": Policy("batch", "reserved", False, "FasterTransformer: a fixed batch runs until every member "
+                     "finishes; KV reserved per batch (members x (longest prompt + largest max_tokens))"),
+    "request_level": Policy("iteration", "reserved", False, "Orca: requests join and leave at every step, "
+                            "each reserves a contiguous region"),
+    "continuous": Policy("iteration", "paged", False, "vLLM: iteration-level scheduling on a paged KV cache, "
+                         "whole prompts per step"),
+    "chunked_prefill": Policy("iteration", "paged", True, "Sarathi / Dynamic SplitFuse / vLLM V1: prompts "
+                              "split to fill a token budget"),
 }
-# policy -> (admission, kv_memory, chunked_prefill)
-PRESETS = {"static": ("batch", "reserved", False), "request_level": ("iteration", "reserved", False),
-           "continuous": ("iteration", "paged", False), "chunked_prefill": ("iteration", "paged", True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +91,7 @@ class EngineConfig:
         check("chunked_prefill", self.chunked_prefill in (None, True, False), "a bool")
         if self.policy is not None:
             for field, preset, given in zip(("admission", "kv_memory", "chunked_prefill"),
-                                            PRESETS[self.policy], self._given):
+                                            POLICIES[self.policy].settings, self._given):
                 check(field, given is None or given == preset,
                       f"{preset!r} (or unset) under policy {self.policy!r}, which sets it")
         check("reservation", self.reservation in RESERVATIONS, f"one of {list(RESERVATIONS)}")
@@ -109,15 +123,15 @@ class EngineConfig:
         """(admission, kv_memory, chunked_prefill) after the preset: the policy's, or the given
         ones with `continuous`'s values for those unset."""
         if self.policy is not None:
-            return PRESETS[self.policy]
-        return tuple(d if g is None else g for g, d in zip(self._given, PRESETS["continuous"]))
+            return POLICIES[self.policy].settings
+        return tuple(d if g is None else g for g, d in zip(self._given, POLICIES["continuous"].settings))
 
     @property
     def name(self) -> str:
         """The preset these settings amount to (e.g. for progress bars), or a description."""
-        for policy, preset in PRESETS.items():
-            if preset == self.settings:
-                return policy
+        for name, policy in POLICIES.items():
+            if policy.settings == self.settings:
+                return name
         admission, kv_memory, chunked = self.settings
         return f"{admission}+{kv_memory}" + ("+chunked" if chunked else "")
 

@@ -4,12 +4,13 @@ token on device (`continuous_batching.sampler`).
 
 A step is split as vLLM splits it: sequences bringing several tokens (prompts, chunks, recomputes)
 go first, to the ragged prefill kernel; sequences bringing one token (decodes) after, to the decode
-kernel, in the same jitted model step. On the `paged_cpu` backend the host also builds the index
-lists of the XLA-CPU paths (`decode_cpu`'s page pairs, `prefill_cpu`'s query tiles), so attention
-work follows each sequence's own length. Shapes are bucketed so `jax.jit` compiles a bounded number
-of programs: prefill tokens to 2 sizes per octave (at least `MIN_PREFILL_TOKENS`; padding costs
-GEMM work), prefill rows to a power of two, decode rows to a power of two (at least
-`MIN_SEQ_BUCKET`), block tables to a power of two blocks (at least `MIN_BLOCK_BUCKET`, at most
+kernel, in the same jitted model step. The attention backend's metadata builder
+(`models.attention`) turns the ordered sequences into the step's `PagedMetadata` (on `paged_cpu`
+with the XLA-CPU paths' index lists, so attention work follows each sequence's own length).
+Shapes are bucketed (`paged_attention/buckets.py`) so `jax.jit` compiles a bounded number of
+programs: prefill tokens to 2 sizes per octave (at least `MIN_PREFILL_TOKENS`; padding costs GEMM
+work), prefill rows to a power of two, decode rows to a power of two (at least `MIN_SEQ_BUCKET`),
+block tables to a power of two blocks (at least `MIN_BLOCK_BUCKET`, at most
 `max_blocks_per_seq`). Mixing a long prompt with many decodes thus costs prompt x context plus
 decodes x context, not (prompt x decodes) x context.
 """
@@ -28,15 +29,13 @@ import models
 from continuous_batching.sampler import SamplerFlags, build_inputs, sample_tokens
 from continuous_batching.request import Sequence
 from continuous_batching.sampling_params import SamplingParams
+from models.attention import paged_backend
 from models.llama import forward
 from models.ops import Ops, get_ops
-from models.static_batch import bucket_pow2
 from continuous_batching.step_shapes import ShapeSet, StepShape
-from paged_attention.decode_cpu import CHUNK as DECODE_CHUNK, bucket_size, build_decode_indices
+from paged_attention.buckets import pow2_at_least, two_per_octave
 from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks, swap_out_blocks
 from paged_attention.metadata import PagedMetadata
-from paged_attention.prefill_cpu import CHUNK as PREFILL_CHUNK, MIN_CHUNKS as PREFILL_MIN_CHUNKS
-from paged_attention.prefill_cpu import build_prefill_indices, max_tiles
 
 MIN_SEQ_BUCKET = 4
 MIN_BLOCK_BUCKET = 8
@@ -91,6 +90,7 @@ class PagedModelRunner:
                  param_sharding=None, kv_sharding=None):
         config = model.config
         self.model, self.backend, self.ops = model, backend, get_ops(kernels)
+        self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads)
         self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
         self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
         replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -145,18 +145,18 @@ class PagedModelRunner:
         return self.host_pool
 
     def seq_bucket(self, num_seqs: int) -> int:
-        return max(MIN_SEQ_BUCKET, bucket_pow2(num_seqs))
+        return max(MIN_SEQ_BUCKET, pow2_at_least(num_seqs))
 
     def blocks_bucket(self, num_blocks: int) -> int:
-        return min(self.max_blocks, max(MIN_BLOCK_BUCKET, bucket_pow2(num_blocks)))
+        return min(self.max_blocks, max(MIN_BLOCK_BUCKET, pow2_at_least(num_blocks)))
 
     def step(self, seqs: list[Sequence]) -> StepResult:
         """Run one step; returns each sequence's next token (and log-probs if any row asks), in the
         order given."""
         if not 0 < len(seqs) <= self.max_num_seqs:
             raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
-        prepared = self.prepare(seqs)
-        if self.dry_run and (prepared.shape, prepared.flags) in self.shapes.compiled and not prepared.flags.logprobs:
+        prepared = self.prepare(seqs, skip_compiled=self.dry_run)
+        if prepared is None:  # a dry run on a compiled shape: each sequence "samples" its last new token
             return StepResult([s.new_tokens[-1] for s in seqs], None)
         next_tokens, logprobs = self.run(prepared)
         host_lp = None if logprobs is None else _host_logprobs(logprobs, len(next_tokens))
@@ -167,13 +167,14 @@ class PagedModelRunner:
         """Compile (by running it on padding only: no token is written) the step program of `shape`."""
         self.run(self.prepare([], shape, flags))
 
-    def prepare(self, seqs: list[Sequence], shape: StepShape | None = None,
-                flags: SamplerFlags | None = None) -> "PreparedStep":
+    def prepare(self, seqs: list[Sequence], shape: StepShape | None = None, flags: SamplerFlags | None = None,
+                *, skip_compiled: bool = False) -> "PreparedStep | None":
         """One pass from the scheduled sequences to the step's host arrays (numpy; `run` moves them
         to the device at once). Sequences bringing several tokens go first (prefill kernel), single
         tokens after (decode kernel); sizes are padded to the step's bucketed shape, or, once the
         shape set is frozen, to the cheapest compiled shape that covers it. `shape`: pad to exactly
-        this one (compiling a shape on padding only)."""
+        this one (compiling a shape on padding only). `skip_compiled`: None, before building the
+        inputs, when the step's shape is compiled already (and it asks for no log-probs)."""
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new_tokens == 1)
         ordered = [seqs[i] for i in order]
         num_prefill = sum(s.num_new_tokens > 1 for s in ordered)
@@ -184,6 +185,8 @@ class PagedModelRunner:
             if cover is not None:  # run on a compiled shape's padding instead of compiling a new one
                 metadata, own = self._metadata(ordered, num_prefill, cover)
                 self.shapes.padded_steps += 1
+        if skip_compiled and (own, flags) in self.shapes.compiled and not flags.logprobs:
+            return None
         rows = [0] * len(seqs)  # given index -> row of the step's outputs
         for position, i in enumerate(order):
             rows[i] = position if position < num_prefill else own.prefill_seqs + position - num_prefill
@@ -207,27 +210,18 @@ class PagedModelRunner:
         if num_prefill == 0:
             return StepShape(0, 0, self.seq_bucket(num_decode), max_blocks, 0, 0)
         prefill_tokens = sum(s.num_new_tokens for s in ordered[:num_prefill])
-        return StepShape(bucket_size(prefill_tokens, MIN_PREFILL_TOKENS), bucket_pow2(num_prefill),
+        return StepShape(two_per_octave(prefill_tokens, MIN_PREFILL_TOKENS), pow2_at_least(num_prefill),
                          self.seq_bucket(num_decode) if num_decode else 0, max_blocks, 0, 0)
 
     def _metadata(self, ordered: list[Sequence], num_prefill: int, shape: StepShape) -> tuple[PagedMetadata, StepShape]:
-        """Device metadata padded to `shape` (its pair-list lengths are minimums), and the exact shape."""
-        tables, lens = [s.block_table for s in ordered], [s.context_len for s in ordered]
-        query_lens = [s.num_new_tokens for s in ordered]
-        if shape.decode_only:
-            metadata = PagedMetadata.build(tables, lens, query_lens, self.block_size, num_tokens=shape.decode_seqs,
-                                           num_seqs=shape.decode_seqs, max_blocks=shape.max_blocks)
-            metadata = dataclasses.replace(metadata, decode_only=True, max_query_len=1)  # also for padding only
-        else:
-            metadata = PagedMetadata.build_split(
-                tables, lens, query_lens, self.block_size, num_prefill=num_prefill,
-                num_prefill_tokens=shape.prefill_tokens, num_prefill_seqs=shape.prefill_seqs,
-                num_decode_seqs=shape.decode_seqs, max_blocks=shape.max_blocks)
-        if self.backend == "paged_cpu":
-            metadata = self._with_cpu_index_lists(metadata, shape)
-        pairs = (len(metadata.decode_pairs[0]) if metadata.decode_pairs else 0,
-                 len(metadata.prefill_pairs[2]) if metadata.prefill_pairs else 0)
-        return metadata, dataclasses.replace(shape, decode_pairs=pairs[0], prefill_pairs=pairs[1])
+        """The backend's metadata padded to `shape` (its pair-list lengths are minimums), and the exact shape."""
+        metadata = self.metadata_builder.build(
+            [s.block_table for s in ordered], [s.context_len for s in ordered], [s.num_new_tokens for s in ordered],
+            num_prefill=num_prefill, prefill_tokens=shape.prefill_tokens, prefill_seqs=shape.prefill_seqs,
+            decode_seqs=shape.decode_seqs, max_blocks=shape.max_blocks, min_decode_pairs=shape.decode_pairs,
+            min_prefill_pairs=shape.prefill_pairs)
+        decode_pairs, prefill_pairs = metadata.num_pairs
+        return metadata, dataclasses.replace(shape, decode_pairs=decode_pairs, prefill_pairs=prefill_pairs)
 
     def _inputs(self, ordered: list[Sequence], num_prefill: int, metadata: PagedMetadata, shape: StepShape,
                 flags: SamplerFlags) -> tuple:
@@ -258,29 +252,6 @@ class PagedModelRunner:
             [([], []) if s is None else (s.prompt, s.output) for s in row_seqs] if flags.penalties else None,
             num_rows)
         return tokens, positions, metadata, last, sampler_inputs
-
-    def _with_cpu_index_lists(self, metadata: PagedMetadata, shape: StepShape) -> PagedMetadata:
-        """Add the host-built index lists of the XLA-CPU paths: prefill tiles for the first
-        `shape.prefill_seqs` rows, decode page pairs for the rest, each list at least as long as
-        the shape asks."""
-        num_kv_heads, num_blocks = self.model.config.num_kv_heads, self.num_blocks
-        tables, lens = metadata.block_tables, metadata.context_lens
-        num_prefill_seqs = shape.prefill_seqs
-        changes = {}
-        if num_prefill_seqs:
-            pairs = build_prefill_indices(
-                tables[:num_prefill_seqs], lens[:num_prefill_seqs], metadata.query_start_loc,
-                shape.prefill_tokens, num_blocks, num_kv_heads, self.block_size,
-                num_tiles=max_tiles(shape.prefill_tokens, num_prefill_seqs),
-                min_chunks=max(PREFILL_MIN_CHUNKS, shape.prefill_pairs // PREFILL_CHUNK))
-            changes["prefill_pairs"] = tuple(pairs)
-            changes["max_query_len"] = None  # static, and the packed prefill has no use for it: fewer compiles
-        if len(lens) > num_prefill_seqs:
-            pairs = build_decode_indices(tables[num_prefill_seqs:], lens[num_prefill_seqs:], num_blocks,
-                                         num_kv_heads, self.block_size,
-                                         min_chunks=max(1, shape.decode_pairs // DECODE_CHUNK))
-            changes["decode_pairs"] = tuple(pairs)
-        return dataclasses.replace(metadata, **changes)
 
 
 def _host_logprobs(logprobs, num_seqs: int) -> list[tuple[float, list[tuple[int, float]]]]:

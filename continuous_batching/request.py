@@ -81,6 +81,14 @@ class Sequence:
         return cls(-1, [0] * num_cached + list(new_tokens), max_tokens=1, num_computed=num_cached,
                    block_table=list(block_table), num_new_tokens=len(new_tokens), **fields)
 
+    def advance(self, token: int | None) -> None:
+        """After its step ran: the step's tokens are in the cache, and `token` (None: the chunk did
+        not reach the end, nothing was sampled) is recorded."""
+        self.num_computed += self.num_new_tokens
+        self.num_new_tokens = 0
+        if token is not None:
+            self.append_output(token)
+
     def append_output(self, token: int) -> None:
         """Record a sampled token and finish the sequence if it stops here."""
         self.output.append(token)

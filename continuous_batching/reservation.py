@@ -36,6 +36,7 @@ import bisect
 from typing import Sequence as Seq
 
 from paged_attention.block_manager import NoFreeBlocksError
+from paged_attention.buckets import pow2_at_least
 
 RESERVATIONS = ("max", "pow2", "oracle")
 
@@ -45,7 +46,7 @@ def reservation_tokens(rule: str, prompt_len: int, max_tokens: int, max_model_le
     if rule == "max":
         return max_model_len
     if rule == "pow2":
-        return min(max_model_len, prompt_len + (1 << max(0, max_tokens - 1).bit_length()))
+        return min(max_model_len, prompt_len + pow2_at_least(max_tokens))
     if rule == "oracle":
         return prompt_len + max_tokens
     raise ValueError(f"reservation must be one of {RESERVATIONS}, got {rule!r}")
@@ -155,8 +156,12 @@ class ReservationManager:
     def can_append(self, seq_id: int) -> bool:
         return self.lengths[seq_id] < self.regions[seq_id][1] * self.block_size
 
-    def append_slot(self, seq_id: int, token_id: int) -> tuple[int, list[tuple[int, int]]]:
-        """Place one more token in the region; returns (slot, no copies)."""
+    def append_slot(self, seq_id: int, token_ids: Seq[int]) -> tuple[int, list[tuple[int, int]]]:
+        """Place one more token in the region (`token_ids`: the sequence's tokens, that one last; only
+        their count is read); returns (slot, no copies)."""
+        if len(token_ids) != self.lengths[seq_id] + 1:
+            raise ValueError(f"append_slot for sequence {seq_id} of {self.lengths[seq_id]} tokens needs its "
+                             f"{self.lengths[seq_id] + 1} token ids (the new one last), got {len(token_ids)}")
         if not self.can_append(seq_id):
             raise NoFreeBlocksError(f"sequence {seq_id} outgrew its reservation")
         slot = self.regions[seq_id][0] * self.block_size + self.lengths[seq_id]

@@ -21,6 +21,7 @@ import numpy as np
 
 from continuous_batching.sampling_params import SamplingParams
 from models.sampling import SamplingArrays, sample, sampling_kind
+from paged_attention.buckets import pow2_at_least
 
 MAX_LOGPROBS = 20  # SamplingParams.logprobs is at most this: one static top-k for every request
 
@@ -57,7 +58,7 @@ class SamplerFlags:
 
 def _pad_rows(rows: list[list[int]], num_rows: int) -> np.ndarray:
     """Ragged token lists -> i32[num_rows, pow2 width], -1 padded."""
-    width = 1 << max(0, max((len(r) for r in rows), default=1) - 1).bit_length()
+    width = pow2_at_least(max((len(r) for r in rows), default=1))
     out = np.full((num_rows, max(width, 1)), -1, np.int32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r

@@ -195,7 +195,7 @@ class Scheduler:
             self._preempt(victim, plan)
             if victim is seq:
                 return False
-        _, cow = self.manager.append_slot(seq.seq_id, seq.output[-1])
+        _, cow = self.manager.append_slot(seq.seq_id, seq.tokens)
         plan.block_copies.extend(cow)
         return True
 
@@ -230,13 +230,10 @@ class Scheduler:
         finished = []
         for planned in schedule.seqs:
             seq = planned.seq
-            seq.num_computed += planned.num_new_tokens
-            seq.num_new_tokens = 0
-            if planned.samples:
-                seq.append_output(sampled[planned.seq_id])
-                if seq.status.finished:
-                    self.finish(seq)
-                    finished.append(seq)
+            seq.advance(sampled[planned.seq_id] if planned.samples else None)
+            if seq.status.finished:
+                self.finish(seq)
+                finished.append(seq)
         return finished
 
     def finish(self, seq: Sequence) -> None:

@@ -24,7 +24,9 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from continuous_batching.engine_config import KERNEL_SETS, KV_CACHE_DTYPES
+from continuous_batching.engine_config import KERNEL_SETS, KV_CACHE_DTYPES, POLICIES
+from continuous_batching.reservation import RESERVATIONS
+from continuous_batching.scheduler import PREEMPTION_MODES
 from experiments.config_checks import check_config, check_model_limits
 from paged_attention.backend_names import PAGED_BACKENDS
 
@@ -88,7 +90,7 @@ class MemorySimRunConfig(Strict):
 
     name: str
     engine: Literal["memory_sim"]
-    reservation: Literal["max", "pow2", "oracle", "paged"]
+    reservation: Literal[(*RESERVATIONS, "paged")]
     kv_budget_tokens: int = Field(gt=0)  # KV slots available in all
     max_len: int = Field(default=2048, gt=0)  # what Orca (Max) reserves per request
     block_size: int = Field(default=16, gt=0)  # paged only
@@ -126,14 +128,14 @@ class ContinuousRunConfig(Strict):
 
     name: str
     engine: Literal["continuous"]
-    policy: Literal["static", "request_level", "continuous", "chunked_prefill"] = "continuous"
-    reservation: Literal["max", "pow2", "oracle"] = "max"  # request_level only
+    policy: Literal[tuple(POLICIES)] = "continuous"  # continuous_batching/engine_config.py
+    reservation: Literal[RESERVATIONS] = "max"  # request_level only
     kv_cache_tokens: int = Field(default=65536, gt=0)  # KV slots on the device (blocks x block_size)
     block_size: int = Field(default=16, gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int = Field(default=2048, gt=0)
     max_model_len: int | None = Field(default=None, gt=0)  # None: the workload's longest request
-    preemption: Literal["recompute", "swap"] = "recompute"
+    preemption: Literal[PREEMPTION_MODES] = "recompute"
     swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
     enable_prefix_caching: bool = False
     backend: Literal[PAGED_BACKENDS] = "paged_cpu"  # paged_attention/backend_names.py

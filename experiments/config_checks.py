@@ -28,11 +28,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from continuous_batching.engine_config import POLICIES
 from experiments.metric_names import SWEEP_ENGINES, claimable_metrics
+from paged_attention.buckets import is_pow2, pow2_at_least, round_up
 
 Problem = tuple[str, str]  # (YAML path, message)
 
-PAGED_POLICIES = ("continuous", "chunked_prefill")  # the policies on pages; the others reserve up front
+PAGED_POLICIES = tuple(name for name, p in POLICIES.items() if p.kv_memory == "paged")  # the others reserve up front
 
 # Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
@@ -62,10 +64,10 @@ def check_model_limits(config, model_config) -> list[Problem]:
             if run.max_model_len is not None and run.max_model_len > limit:
                 problems.append((f"runs[{i}].max_model_len", f"{run.max_model_len} exceeds the model's "
                                  f"max_position_embeddings ({model_config.name}: {limit}); allowed: 1..{limit}"))
-            elif run.max_model_len is None and longest is not None and _round_up(longest, run.block_size) > limit:
+            elif run.max_model_len is None and longest is not None and round_up(longest, run.block_size) > limit:
                 problems.append((f"runs[{i}].max_model_len", f"unset, so the workload's longest request: up to "
                                  f"{_describe_longest(config.workload)}, rounded up to block_size "
-                                 f"{run.block_size} = {_round_up(longest, run.block_size)} tokens, beyond the "
+                                 f"{run.block_size} = {round_up(longest, run.block_size)} tokens, beyond the "
                                  f"model's max_position_embeddings ({model_config.name}: {limit}); lower the "
                                  f"workload caps to <= {limit // run.block_size * run.block_size} tokens in all"))
         if run.engine == "sharing_sim" and run.mode == "beam_search" and longest is not None and longest > limit:
@@ -87,19 +89,6 @@ def _describe_longest(workload) -> str:
     prefix = f" + workload.shared_prefix_len {workload.shared_prefix_len}" if workload.shared_prefix_len else ""
     return (f"{longest_request(workload)} tokens (workload.max_prompt_len {workload.max_prompt_len}{prefix} "
             f"+ workload.max_output_len {workload.max_output_len})")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _pow2_at_least(n: int) -> int:
-    """Smallest power of two >= n (models.static_batch.bucket_pow2, which memory_sim's pow2 uses)."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 # ----- top level --------------------------------------------------------------------------------
@@ -164,7 +153,7 @@ def _ignored(run, key: str, applies: bool, where: str) -> Iterator[tuple[str, st
 
 
 def _pallas_block_size(run) -> Iterator[tuple[str, str]]:
-    if run.backend == "paged" and not _is_pow2(run.block_size):
+    if run.backend == "paged" and not is_pow2(run.block_size):
         yield ("block_size", f"backend 'paged' (the Pallas kernels, paged_attention/decode_kernel.py and "
                f"prefill_kernel.py) needs a power of two: Triton tiles are power-of-two sized; allowed: 1, 2, "
                f"4, 8, 16, 32, 64, 128, 256, ... (got {run.block_size})")
@@ -196,12 +185,12 @@ def _continuous(run, workload) -> Iterator[tuple[str, str]]:
         yield ("max_model_len", f"{run.max_model_len} is below the workload's longest request: up to "
                f"{_describe_longest(workload)}; allowed: >= {longest}, or unset (the workload's longest)")
         return
-    model_len = run.max_model_len or (_round_up(longest, bs) if longest is not None else None)
-    if not not_whole and model_len is not None and _round_up(model_len, bs) > run.kv_cache_tokens:
+    model_len = run.max_model_len or (round_up(longest, bs) if longest is not None else None)
+    if not not_whole and model_len is not None and round_up(model_len, bs) > run.kv_cache_tokens:
         source = ("max_model_len" if run.max_model_len else
                   f"unset max_model_len: the workload's longest request, up to {longest} tokens, in whole blocks")
         yield ("kv_cache_tokens", f"{run.kv_cache_tokens} cannot hold one request of {model_len} tokens "
-               f"({source}); allowed: >= {_round_up(model_len, bs)} (whole blocks of {bs})")
+               f"({source}); allowed: >= {round_up(model_len, bs)} (whole blocks of {bs})")
 
 
 def _paged(run, workload) -> Iterator[tuple[str, str]]:
@@ -264,10 +253,10 @@ def _largest_reservation(run, workload) -> tuple[int, str]:
         workload.max_prompt_len + workload.shared_prefix_len
     output_cap = min(max_len - 1, workload.max_output_len or max_len)
     outputs = {1, 2, output_cap} | {2**k + 1 for k in range(output_cap.bit_length())}
-    worst, worst_output = max((min(prompt_cap, max_len - o) + _pow2_at_least(o), o)
+    worst, worst_output = max((min(prompt_cap, max_len - o) + pow2_at_least(o), o)
                               for o in outputs if 1 <= o <= output_cap and max_len - o >= 1)
     return worst, (f"reservation 'pow2' reserves prompt + output rounded up to a power of two, up to {worst} "
-                   f"slots (output {worst_output} -> {_pow2_at_least(worst_output)}) for requests of up to {bound}")
+                   f"slots (output {worst_output} -> {pow2_at_least(worst_output)}) for requests of up to {bound}")
 
 
 def _none(run, workload) -> Iterator[tuple[str, str]]:

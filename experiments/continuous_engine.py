@@ -64,8 +64,7 @@ class ContinuousServeEngine:
         and JetStream's start-up compile their bucket grid; this grid is the one the scheduler
         will visit). When requests arrive over time, also the envelope (an offline run meets
         exactly the dry run's shapes). Then freeze."""
-        engine = self._engine()
-        engine.runner.dry_run = True
+        engine = self._engine(dry_run=True)
         for r in self.requests:
             engine.add_request(list(r.prompt), _sampling_params(r))
         with tqdm(desc=f"precompile {self.config.name}", unit="step", file=sys.stderr, leave=False) as bar:
@@ -83,8 +82,8 @@ class ContinuousServeEngine:
                 runner.compile_shape(shape, flags)
         self.shapes.frozen = True
 
-    def _engine(self) -> Engine:
-        return Engine(self.model, self.config, shapes=self.shapes)
+    def _engine(self, dry_run: bool = False) -> Engine:
+        return Engine(self.model, self.config, shapes=self.shapes, dry_run=dry_run)
 
     def serve(self, requests: list[Request], progress) -> RunTrace:
         engine = self._engine()
@@ -111,11 +110,11 @@ class ContinuousServeEngine:
             outputs = engine.step()
             t = time.perf_counter() - start
             step_s = t - step_start
-            if engine.last_step_prefilled:
+            if engine.stats.last_step_prefilled:
                 prefill_s += step_s
             else:
                 decode_s += step_s
-                decode_tokens += len(engine.last_plan.seqs)
+                decode_tokens += len(engine.stats.last_plan.seqs)
             tokens_used, blocks_used = engine.kv_usage()
             used_peak = max(used_peak, tokens_used)
             blocks_peak = max(blocks_peak, blocks_used)
@@ -138,8 +137,8 @@ class ContinuousServeEngine:
                         util_sum / max(1, num_steps), generated, prefill_s,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.num_preemptions,
                                        "padded_steps": self.shapes.padded_steps - padded_before,
-                                       "mean_seqs_per_step": engine.stats["scheduled_seqs"] / max(1, num_steps),
-                                       "prefill_steps": engine.stats["prefill_steps"],
+                                       "mean_seqs_per_step": engine.stats.scheduled_seqs / max(1, num_steps),
+                                       "prefill_steps": engine.stats.prefill_steps,
                                        "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
                                        "inter_token_latency_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
                                        "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0})

@@ -195,5 +195,5 @@ class MemorySimEngine:
                 if victim is r:
                     break
             if r in running:
-                manager.append_slot(rid, 0)
+                manager.append_slot(rid, range(r.num_tokens))  # ids do not matter without prefix caching
         return preempted

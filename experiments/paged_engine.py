@@ -79,7 +79,8 @@ class PagedStaticEngine:
             seqs.append(Sequence(r.request_id, list(r.prompt), r.output_len, num_computed=cached,
                                  num_new_tokens=len(r.prompt) - cached,
                                  block_table=manager.get_block_table(r.request_id)))
-        self._advance(seqs, runner.step(seqs).tokens)
+        for seq, token in zip(seqs, runner.step(seqs).tokens):
+            seq.advance(token)
         self.outputs.update({seq.seq_id: seq.output for seq in seqs})  # the same lists, filled as the batch runs
         first_token_time = time.perf_counter()
         live = list(seqs)
@@ -97,18 +98,11 @@ class PagedStaticEngine:
             if not live:
                 break
             for seq in live:
-                _, copies = manager.append_slot(seq.seq_id, seq.output[-1])
+                _, copies = manager.append_slot(seq.seq_id, seq.tokens)
                 runner.copy_blocks(copies)
                 seq.block_table, seq.num_new_tokens = manager.get_block_table(seq.seq_id), 1
-            self._advance(live, runner.step(live).tokens)
+            for seq, token in zip(live, runner.step(live).tokens):
+                seq.advance(token)
         per_block = self.block_size * self.per_token_bytes
         return BatchOutcome(first_token_time, time.perf_counter(), alloc_peak * per_block,
                             used_peak * self.per_token_bytes, util_sum / num_steps, generated)
-
-    @staticmethod
-    def _advance(seqs: list[Sequence], tokens: list[int]) -> None:
-        """After a step: its new tokens are in the cache, and each sequence has a sampled token more."""
-        for seq, token in zip(seqs, tokens):
-            seq.num_computed += seq.num_new_tokens
-            seq.num_new_tokens = 0
-            seq.output.append(token)

@@ -40,7 +40,8 @@ import numpy as np
 from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 from models.llama import forward
-from models.static_batch import prompt_bucket, round_up
+from models.static_batch import prompt_bucket
+from paged_attention.buckets import round_up
 from paged_attention.block_manager import BlockManager
 from paged_attention.contiguous import init_kv_cache
 
@@ -68,9 +69,10 @@ class SharingCounter:
         self.used_blocks_peak = max(self.used_blocks_peak, used)
         self.real_tokens_peak = max(self.real_tokens_peak, real)
 
-    def append(self, manager: BlockManager, seq_id: int, token: int) -> None:
-        """`append_slot` and count its copy-on-write copies."""
-        _, copies = manager.append_slot(seq_id, token)
+    def append(self, manager: BlockManager, seq_id: int, token_ids) -> None:
+        """`append_slot` (`token_ids`: the sequence's tokens, the new one last) and count its
+        copy-on-write copies."""
+        _, copies = manager.append_slot(seq_id, token_ids)
         self.cow_copies += len(copies)
 
     @property
@@ -98,7 +100,7 @@ def simulate_parallel_sampling(manager: BlockManager, prompt: list[int], output_
     for step in range(1, max(output_lens) + 1):
         live = [s for s in samples if output_lens[s] >= step]
         for s in live:
-            counter.append(manager, s, 0)  # token ids do not matter without prefix caching
+            counter.append(manager, s, range(len(prompt) + step))  # ids do not matter without prefix caching
         counter.record(manager, live)
         for s in live:
             if output_lens[s] == step:
@@ -170,10 +172,10 @@ def beam_search(model, request: Request, width: int, manager: BlockManager, coun
             manager.fork(beams[parent], child)
         for seq in beams:
             manager.free(seq)
-        for child, token in zip(children, new_tokens):
-            counter.append(manager, child, token)
-        beams = children
         histories = [histories[p] + [t] for p, t in zip(new_parents, new_tokens)]
+        for child, history in zip(children, histories):
+            counter.append(manager, child, prompt + history)
+        beams = children
         counter.record(manager, beams)
     for seq in beams:
         manager.free(seq)

@@ -20,23 +20,15 @@ import numpy as np
 from models.config import ModelConfig
 from models.llama import Params, forward
 from models.sampling import SamplingArrays, SamplingConfig, sample, sampling_kind
+from paged_attention.buckets import pow2_at_least, round_up
 from paged_attention.contiguous import init_kv_cache, kv_cache_bytes
-
-
-def bucket_pow2(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-int(n) // multiple) * multiple
 
 
 def prompt_bucket(prompt_len: int) -> int:
     """Padded prompt length a batch whose longest prompt has `prompt_len` tokens is compiled for:
     powers of two up to 64 (16, 32, 64), then multiples of 64, so padding wastes at most 64 tokens
     a row on long prompts (pow2 would waste up to half)."""
-    return bucket_pow2(prompt_len, minimum=16) if prompt_len <= 64 else round_up(prompt_len, 64)
+    return pow2_at_least(prompt_len, minimum=16) if prompt_len <= 64 else round_up(prompt_len, 64)
 
 
 def batch_shape(prompt_lens: list[int], max_new_tokens: list[int], batch_size: int | None = None,
@@ -44,7 +36,7 @@ def batch_shape(prompt_lens: list[int], max_new_tokens: list[int], batch_size: i
     """(rows, padded prompt length, cache length) of one static batch: rows = `batch_size` or the
     next power of two; cache = `max_len` or the padded prompt + the largest output, rounded up to 64
     (FasterTransformer sizes its cache per call). Batches of equal shape run the same programs."""
-    rows = bucket_pow2(len(prompt_lens)) if batch_size is None else batch_size
+    rows = pow2_at_least(len(prompt_lens)) if batch_size is None else batch_size
     prompt_len = prompt_bucket(max(prompt_lens))
     return rows, prompt_len, round_up(prompt_len + max(max_new_tokens), 64) if max_len is None else max_len
 

@@ -33,9 +33,9 @@ bm.allocate(0, [11, 12, 13, 14, 15, 16])
 print("table of seq 0:", bm.get_block_table(0), " slot of position 5:", bm.get_slot(0, 5))
 bm.fork(0, 1)
 print("after fork, ref counts:", [bm.ref_count(b) for b in bm.get_block_table(0)])
-slot, copies = bm.append_slot(1, 17)
+slot, copies = bm.append_slot(1, [11, 12, 13, 14, 15, 16, 17])  # its tokens, the new one last
 print("seq 1 appends -> slot", slot, "copy-on-write", copies, "-> table", bm.get_block_table(1))
-slot, copies = bm.append_slot(0, 18)
+slot, copies = bm.append_slot(0, [11, 12, 13, 14, 15, 16, 18])
 print("seq 0 appends -> slot", slot, "copies", copies, "(it is the last owner now)")
 bm.free(0); bm.free(1)
 print("all freed:", bm.num_free_blocks == 8)"""),
@@ -100,7 +100,7 @@ logits, cache = step(model.params, tokens, positions, cache, md, logits_indices=
 paged = [[int(t)] for t in np.asarray(logits).argmax(-1)]
 for _ in range(5):
     for i in range(3):
-        manager.append_slot(i, paged[i][-1])
+        manager.append_slot(i, prompts[i] + paged[i])
     ctx = [manager.num_tokens(i) for i in range(3)]
     md = PagedMetadata.build([manager.get_block_table(i) for i in range(3)], ctx, [1, 1, 1], block_size, max_blocks=8)
     logits, cache = step(model.params, jnp.asarray([o[-1] for o in paged], jnp.int32), jnp.asarray(ctx, jnp.int32) - 1, cache, md)
@@ -163,7 +163,7 @@ for policy in POLICIES:
     outs = engine.generate(prompts, params, progress=False)
     results[policy] = [o.outputs[0].token_ids for o in outs]
     print(f"{policy:16s} steps {engine.num_steps:4d}  mean seqs/step "
-          f"{engine.stats['scheduled_seqs'] / engine.num_steps:5.2f}  preemptions {engine.scheduler.num_preemptions}")
+          f"{engine.stats.scheduled_seqs / engine.num_steps:5.2f}  preemptions {engine.scheduler.num_preemptions}")
 reference = results["static"]
 assert all(tokens == reference for tokens in results.values()), "batch invariance broken"
 print("every policy produced identical tokens for every request")"""),
@@ -178,7 +178,7 @@ request is lost and no token changes; swapping recomputes fewer tokens."""),
     outs = engine.generate(prompts, params, progress=False)
     assert [o.outputs[0].token_ids for o in outs] == reference
     print(f"{mode:9s}: {engine.scheduler.num_preemptions} preemptions, {engine.num_steps} steps, "
-          f"{engine.stats['prefill_tokens']} prompt/recompute tokens, outputs unchanged")"""),
+          f"{engine.stats.prefill_tokens} prompt/recompute tokens, outputs unchanged")"""),
     ("md", """## 4. Chunked prefill: one token budget for prompts and decodes
 A 60-token prompt arrives while 4 sequences decode. Without chunking it needs a 64-token step on its
 own budget; with a 16-token budget it is split into chunks that ride along with the decodes, so the
@@ -192,9 +192,9 @@ for _ in range(3):  # 4 prompts of 6 tokens: 16 + 8 tokens, then decodes
 engine.add_request(list(range(5, 65)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
 for _ in range(5):
     engine.step()
-    chunks = [(s.seq_id, s.num_new_tokens) for s in engine.last_plan.seqs]
-    print(f"step {engine.num_steps}: (seq, new tokens) {chunks}  total {engine.last_plan.num_tokens} <= 16")
-    assert engine.last_plan.num_tokens <= 16
+    chunks = [(s.seq_id, s.num_new_tokens) for s in engine.stats.last_plan.seqs]
+    print(f"step {engine.num_steps}: (seq, new tokens) {chunks}  total {engine.stats.last_plan.num_tokens} <= 16")
+    assert engine.stats.last_plan.num_tokens <= 16
 print("compiled step programs in this process:", engine.num_compilations)"""),
 ]
 

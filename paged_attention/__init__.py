@@ -7,4 +7,5 @@
 - `decode_kernel.py`, `prefill_kernel.py`: Pallas paged-attention kernels (GPU; `interpret=True` on
   CPU) with their dense `*_reference` twins.
 - `decode_cpu.py`, `prefill_cpu.py`: the same attention written for XLA on CPU, exact and unpadded.
+- `buckets.py`: the size-rounding rules every package pads shapes with (few compiled programs).
 """

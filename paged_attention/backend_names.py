@@ -1,5 +1,5 @@
 """The names of the attention backends, JAX-free, so configs can check them before JAX loads
-(`models/attention.py` maps each name to its function; a test keeps the two equal).
+(`models/attention.py` maps each name to its backend object; a test keeps the two equal).
 
     contiguous       the naive `[batch, kv_heads, max_len, head_dim]` cache (or no cache at all)
     paged            paged KV cache through the Pallas kernels (interpreted when there is no GPU)

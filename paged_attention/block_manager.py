@@ -11,6 +11,10 @@ equal prompt prefixes map to the same physical blocks across requests; a cached 
 finished stays findable until it is evicted, least recently freed first, when free blocks run out.
 Swapping moves a sequence's blocks to a CPU pool and back.
 
+The manager keeps no copy of a sequence's tokens, only how many it holds: the caller's sequence
+owns them, and passes them in where they matter (`allocate`, and `append_slot`, which hashes a
+block it fills under prefix caching; without prefix caching only their count is read).
+
 Every `(src, dst)` copy list returned here (copy-on-write, swap-out, swap-in) must be carried out by
 the runner before the next model step, and in the order the calls were made: a block released by
 one call may be handed out by the next.
@@ -93,7 +97,7 @@ def _check_count(name: str, value, minimum: int) -> None:
 
 
 class BlockManager:
-    """Per-sequence block tables and token ids over a GPU pool (and an optional CPU swap pool)."""
+    """Per-sequence block tables and token counts over a GPU pool (and an optional CPU swap pool)."""
 
     def __init__(self, num_blocks: int, block_size: int = 16, num_cpu_blocks: int = 0,
                  enable_prefix_caching: bool = False):
@@ -108,7 +112,7 @@ class BlockManager:
         self.cpu = BlockAllocator(num_cpu_blocks)
         self.block_tables: dict[int, list[int]] = {}  # sequences resident on the GPU
         self.cpu_tables: dict[int, list[int]] = {}  # swapped-out sequences
-        self.token_ids: dict[int, list[int]] = {}  # every live sequence, resident or swapped
+        self.lengths: dict[int, int] = {}  # tokens of every live sequence, resident or swapped
         self.block_hashes: dict[int, list[int]] = {}  # chain hash of each full block (caching only)
         self.prefix_hits = 0  # prompt blocks served from the cache
         self.prefix_misses = 0  # cacheable prompt blocks (all but the last token's) not served
@@ -134,7 +138,7 @@ class BlockManager:
         num_real_tokens / (num_used_blocks * block_size)."""
         held: dict[int, int] = {}
         for seq_id, table in self.block_tables.items():
-            n = len(self.token_ids[seq_id])
+            n = self.lengths[seq_id]
             for i, block in enumerate(table):
                 held[block] = max(held.get(block, 0), min(self.block_size, n - i * self.block_size))
         return sum(held.values())
@@ -150,7 +154,7 @@ class BlockManager:
         return list(self.block_tables[seq_id])
 
     def num_tokens(self, seq_id: int) -> int:
-        return len(self.token_ids[seq_id])
+        return self.lengths[seq_id]
 
     def is_swapped(self, seq_id: int) -> bool:
         return seq_id in self.cpu_tables
@@ -161,9 +165,8 @@ class BlockManager:
 
     def get_slot(self, seq_id: int, position: int) -> int:
         """Physical slot of token `position` of a resident sequence."""
-        if not 0 <= position < len(self.token_ids[seq_id]):
-            raise IndexError(f"position {position} outside sequence {seq_id} of "
-                             f"{len(self.token_ids[seq_id])} tokens")
+        if not 0 <= position < self.lengths[seq_id]:
+            raise IndexError(f"position {position} outside sequence {seq_id} of {self.lengths[seq_id]} tokens")
         block = self.block_tables[seq_id][position // self.block_size]
         return block * self.block_size + position % self.block_size
 
@@ -201,7 +204,7 @@ class BlockManager:
         """Reserve blocks for a new sequence's prompt; return how many leading prompt tokens are
         already cached (a multiple of block_size, < len(token_ids); 0 without prefix caching).
         Raises NoFreeBlocksError, with nothing changed, when the prompt does not fit."""
-        if seq_id in self.token_ids:
+        if seq_id in self.lengths:
             raise ValueError(f"sequence {seq_id} is already allocated")
         if len(token_ids) == 0:
             raise ValueError("token_ids must not be empty")
@@ -222,22 +225,25 @@ class BlockManager:
             self.prefix_misses += (len(token_ids) - 1) // self.block_size - len(hits)
             self.block_hashes[seq_id] = [hash(key) for key in keys]
         self.block_tables[seq_id] = table
-        self.token_ids[seq_id] = list(token_ids)
+        self.lengths[seq_id] = len(token_ids)
         return len(hits) * self.block_size
 
     # ----- decoding --------------------------------------------------------------------------------
     def can_append(self, seq_id: int) -> bool:
         """Whether `append_slot` can run: it needs one free block when the last block is full
         (a new block) or shared and partly filled (copy-on-write)."""
-        table, n = self.block_tables[seq_id], len(self.token_ids[seq_id])
+        table, n = self.block_tables[seq_id], self.lengths[seq_id]
         needs_block = n % self.block_size == 0 or self.gpu.ref_counts[table[-1]] > 1
         return not needs_block or self.gpu.num_free >= 1
 
-    def append_slot(self, seq_id: int, token_id: int) -> tuple[int, list[tuple[int, int]]]:
-        """Add one token to a resident sequence; return its slot and the (src, dst) block copies to
-        do before the step writes it. Only the written (last) block is ever copied."""
-        table, tokens = self.block_tables[seq_id], self.token_ids[seq_id]
-        position, copies = len(tokens), []
+    def append_slot(self, seq_id: int, token_ids: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
+        """Add one token to a resident sequence whose tokens, that one last, are `token_ids`; return
+        its slot and the (src, dst) block copies to do before the step writes it. Only the written
+        (last) block is ever copied."""
+        table, position, copies = self.block_tables[seq_id], self.lengths[seq_id], []
+        if len(token_ids) != position + 1:
+            raise ValueError(f"append_slot for sequence {seq_id} of {position} tokens needs its "
+                             f"{position + 1} token ids (the new one last), got {len(token_ids)}")
         if position % self.block_size == 0:  # last block full (maybe shared or cached): a new one
             table.append(self.gpu.allocate())
         elif self.gpu.ref_counts[table[-1]] > 1:  # partly filled and shared: copy on write
@@ -245,23 +251,23 @@ class BlockManager:
             copies.append((table[-1], new))
             self.gpu.decref(table[-1])  # was > 1, so it stays with its other owners
             table[-1] = new
-        tokens.append(token_id)
-        if self.enable_prefix_caching and len(tokens) % self.block_size == 0:
+        self.lengths[seq_id] = position + 1
+        if self.enable_prefix_caching and (position + 1) % self.block_size == 0:
             hashes = self.block_hashes[seq_id]  # the block just filled is ours alone (ref count 1)
-            key = self._full_block_keys(tokens[-self.block_size:], hashes[-1] if hashes else None)[0]
+            key = self._full_block_keys(token_ids[-self.block_size:], hashes[-1] if hashes else None)[0]
             hashes.append(hash(key))
             self.gpu.register(table[-1], key)
         return table[position // self.block_size] * self.block_size + position % self.block_size, copies
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """Make `child_id` share every block of resident `parent_id` (ref counts + 1)."""
-        if child_id in self.token_ids:
+        if child_id in self.lengths:
             raise ValueError(f"sequence {child_id} is already allocated")
         table = self.block_tables[parent_id]
         for block in table:
             self.gpu.incref(block)
         self.block_tables[child_id] = list(table)
-        self.token_ids[child_id] = list(self.token_ids[parent_id])
+        self.lengths[child_id] = self.lengths[parent_id]
         if self.enable_prefix_caching:
             self.block_hashes[child_id] = list(self.block_hashes[parent_id])
 
@@ -274,7 +280,7 @@ class BlockManager:
         else:
             for block in reversed(self.block_tables.pop(seq_id)):
                 self.gpu.decref(block)
-        del self.token_ids[seq_id]
+        del self.lengths[seq_id]
         self.block_hashes.pop(seq_id, None)
 
     # ----- swapping --------------------------------------------------------------------------------

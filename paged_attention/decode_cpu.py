@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from paged_attention.buckets import two_per_octave
+
 CHUNK = 64  # (sequence, block) pairs per loop iteration
 
 _PROMISE = lax.GatherScatterMode.PROMISE_IN_BOUNDS
@@ -38,14 +40,6 @@ _ROWS_DN = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,
 
 
 # ----------------------------------------------------------------------------------------- host side
-def bucket_size(n: int, minimum: int) -> int:
-    """Round up to the next m * 2^k / 4 for m in {4, 6} (at most 1.5x padding, 2 sizes per octave)."""
-    n = max(int(n), minimum)
-    power = 1 << max(0, (n - 1).bit_length() - 1)
-    for multiplier in (4, 6):
-        if power * multiplier // 4 >= n:
-            return power * multiplier // 4
-    return 2 * power
 
 
 def build_decode_indices(block_tables, context_lens, num_blocks: int, num_kv_heads: int,
@@ -67,7 +61,7 @@ def build_decode_indices(block_tables, context_lens, num_blocks: int, num_kv_hea
     num_seqs = tables.shape[0]
     num_full_pages = np.maximum((context - 1) // block_size, 0)  # i64[num_seqs]: all pages but the last
     num_real_pairs = int(num_full_pages.sum())
-    num_chunks = bucket_size(-(-num_real_pairs // chunk), min_chunks)
+    num_chunks = two_per_octave(-(-num_real_pairs // chunk), min_chunks)
     num_pairs = num_chunks * chunk
     real_seq = np.repeat(np.arange(num_seqs), num_full_pages)  # i64[num_real_pairs]
     real_page = np.arange(num_real_pairs) - np.repeat(np.cumsum(num_full_pages) - num_full_pages, num_full_pages)

@@ -43,18 +43,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from paged_attention.buckets import is_pow2, pow2_at_least
+
 
 def default_blocks_per_chunk(block_size: int) -> int:
     """Pages per online-softmax step: enough for 64 tokens per chunk, at least one page."""
     return max(1, 64 // block_size)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _load_kv_chunk(block_table_ref, k_ref, v_ref, positions, context_len, *, block_size: int,
@@ -155,16 +149,16 @@ def _check_tables(block_tables, context_lens, num_seqs: int):
 
 def _check_kernel_shapes(block_size: int, blocks_per_chunk: int):
     """What the Triton lowering needs: power-of-two tensor sizes, dot dimensions >= 16."""
-    if not _is_pow2(block_size):
+    if not is_pow2(block_size):
         raise ValueError(f"k_cache block_size must be a power of two, got {block_size}")
-    if not _is_pow2(blocks_per_chunk) or blocks_per_chunk * block_size < 16:
+    if not is_pow2(blocks_per_chunk) or blocks_per_chunk * block_size < 16:
         raise ValueError(f"blocks_per_chunk must be a power of two with blocks_per_chunk * block_size >= 16, "
                          f"got {blocks_per_chunk} (block_size {block_size})")
 
 
 def _padded_head_dim(head_dim: int) -> int:
     """Triton tiles need power-of-two sizes and dots need K >= 16: the head_dim the kernels work in."""
-    return max(16, _next_pow2(head_dim))
+    return max(16, pow2_at_least(head_dim))
 
 
 def _check_inputs(q, k_cache, v_cache, block_tables, context_lens):
@@ -197,7 +191,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         blocks_per_chunk = default_blocks_per_chunk(block_size)
     _check_kernel_shapes(block_size, blocks_per_chunk)
     group = num_heads // num_kv_heads
-    group_pad, head_dim_pad = max(16, _next_pow2(group)), _padded_head_dim(head_dim)
+    group_pad, head_dim_pad = max(16, pow2_at_least(group)), _padded_head_dim(head_dim)
     max_blocks = block_tables.shape[1]
     num_slots = num_blocks * block_size
 

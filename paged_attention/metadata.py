@@ -14,6 +14,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from paged_attention.buckets import pow2_at_least
+
 
 @dataclasses.dataclass(frozen=True)
 class PagedMetadata:
@@ -69,7 +71,7 @@ class PagedMetadata:
         starts[n + 1:] = offset
         decode_only = bool(n > 0 and np.all(query_lens == 1) and num_tokens == num_seqs)
         longest = int(query_lens.max()) if n else 1
-        max_query_len = min(num_tokens, 1 << max(0, longest - 1).bit_length())  # bucketed: few compiles
+        max_query_len = min(num_tokens, pow2_at_least(longest))  # bucketed: few compiles
         return cls(slots, tables, lens, starts, decode_only, max_query_len)
 
 
@@ -97,6 +99,12 @@ class PagedMetadata:
         # server must not do
         joined = [np.concatenate(parts) for parts in (slots, tables, lens)]
         return cls(*joined, prefill.query_start_loc, False, prefill.max_query_len, num_prefill_tokens, num_prefill_seqs)
+
+    @property
+    def num_pairs(self) -> tuple[int, int]:
+        """Lengths of the (decode, prefill) index lists of the XLA-CPU paths (0: none)."""
+        return (len(self.decode_pairs[0]) if self.decode_pairs else 0,
+                len(self.prefill_pairs[2]) if self.prefill_pairs else 0)
 
 
 jax.tree_util.register_dataclass(

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from paged_attention.decode_cpu import bucket_size, gather_rows
+from paged_attention.buckets import pow2_at_least, two_per_octave
+from paged_attention.decode_cpu import gather_rows
 
 TILE_Q = 32  # query tokens per tile (one sequence's)
 KV_PAGES = 8  # pages per key chunk (128 keys at block_size 16)
@@ -90,11 +91,11 @@ def build_prefill_indices(block_tables, context_lens, query_start_loc, num_token
             pair_blocks.append(pages.reshape(num_chunks, kv_pages))
             pair_key0.extend(range(0, num_chunks * chunk_keys, chunk_keys))
     if num_tiles is None:
-        num_tiles = bucket_size(len(tokens), 1)
+        num_tiles = two_per_octave(len(tokens), 1)
     elif num_tiles < len(tokens):
         raise ValueError(f"num_tiles={num_tiles} < the {len(tokens)} tiles these sequences need")
     used_chunks = -(-len(pair_tile) // chunk)
-    num_pairs = chunk * max(min_chunks, 1 << max(0, used_chunks - 1).bit_length())
+    num_pairs = chunk * max(min_chunks, pow2_at_least(used_chunks))
     tile_tokens = np.full((num_tiles, tile_q), num_tokens, np.int32)
     tile_pos = np.full((num_tiles, tile_q), -1, np.int32)
     if tokens:

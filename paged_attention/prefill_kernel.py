@@ -49,8 +49,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from paged_attention import contiguous
-from paged_attention.decode_kernel import (_check_cache, _check_kernel_shapes, _check_tables, _is_pow2,
-                                           _load_kv_chunk, _next_pow2, _online_softmax_step, _padded_head_dim,
+from paged_attention.buckets import is_pow2, pow2_at_least
+from paged_attention.decode_kernel import (_check_cache, _check_kernel_shapes, _check_tables,
+                                           _load_kv_chunk, _online_softmax_step, _padded_head_dim,
                                            default_blocks_per_chunk)
 
 
@@ -142,10 +143,10 @@ def paged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
         blocks_per_chunk = default_blocks_per_chunk(block_size)
     _check_kernel_shapes(block_size, blocks_per_chunk)
     group = num_heads // num_kv_heads
-    group_pad, head_dim_pad = _next_pow2(group), _padded_head_dim(head_dim)
+    group_pad, head_dim_pad = pow2_at_least(group), _padded_head_dim(head_dim)
     if block_q is None:
         block_q = max(1, 64 // group_pad)
-    if not _is_pow2(block_q) or block_q * group_pad < 16:
+    if not is_pow2(block_q) or block_q * group_pad < 16:
         raise ValueError(f"block_q must be a power of two with block_q * group_pad >= 16, got {block_q} "
                          f"(group_pad {group_pad})")
     if max_query_len is None:

@@ -9,17 +9,17 @@ import pytest
 
 import models
 from continuous_batching.engine import Engine
-from continuous_batching.engine_config import PRESETS, EngineConfig
+from continuous_batching.engine_config import POLICIES, EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 
 SMALL = dict(num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
 
 
-@pytest.mark.parametrize("policy", list(PRESETS))
+@pytest.mark.parametrize("policy", list(POLICIES))
 def test_each_policy_is_a_preset(policy):
     config = EngineConfig(policy=policy)
-    assert config.settings == PRESETS[policy] and config.name == policy
-    admission, kv_memory, chunked = PRESETS[policy]
+    assert config.settings == POLICIES[policy].settings and config.name == policy
+    admission, kv_memory, chunked = POLICIES[policy].settings
     same = EngineConfig(admission=admission, kv_memory=kv_memory, chunked_prefill=chunked)
     assert same.name == policy and same.paged == config.paged
 

@@ -25,7 +25,7 @@ def test_regions_are_contiguous_and_free_merges_neighbours():
     manager.allocate(1, [1] * 2, reserve=8)  # blocks 3-4
     manager.allocate(2, [1] * 3, reserve=8)  # blocks 5-6
     assert manager.get_block_table(0) == [0, 1] and manager.get_block_table(2) == [5]
-    assert manager.append_slot(0, 7) == (5, [])  # token 6 of a region starting at block 0
+    assert manager.append_slot(0, [1] * 6) == (5, [])  # token 6 of a region starting at block 0
     manager.free(1)
     assert manager.free_extents == [(3, 2), (7, 3)]
     assert not manager.can_allocate([1], reserve=20)  # 5 blocks free, but no 5 in a row
@@ -38,10 +38,10 @@ def test_regions_are_contiguous_and_free_merges_neighbours():
 def test_a_sequence_cannot_outgrow_its_region():
     manager = ReservationManager(4, block_size=2)
     manager.allocate(0, [1, 2, 3], reserve=4)
-    manager.append_slot(0, 4)
+    manager.append_slot(0, [1, 2, 3, 4])
     assert not manager.can_append(0)
     with pytest.raises(NoFreeBlocksError, match="outgrew"):
-        manager.append_slot(0, 5)
+        manager.append_slot(0, [1, 2, 3, 4, 5])
 
 
 def test_request_level_admission_follows_the_reservations():

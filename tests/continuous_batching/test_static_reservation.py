@@ -27,7 +27,7 @@ def run_static(model, prompts, max_tokens, **config):
     while engine.has_unfinished():
         assert len(steps) < 100
         outs = engine.step()
-        steps.append(([seq_to_request[p.seq_id] for p in engine.last_plan.seqs],
+        steps.append(([seq_to_request[p.seq_id] for p in engine.stats.last_plan.seqs],
                       engine.manager.num_used_blocks, engine.manager.num_real_tokens))
         done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
     return steps, [done[i] for i in ids], engine

@@ -63,7 +63,8 @@ def test_static_engine_outputs_exact_lengths_and_counts_waste(tmp_path):
     from experiments.config import StaticRunConfig
     from experiments.engines import make_engine, warm_up_and_serve
     from experiments.workloads import Request
-    from models.static_batch import prompt_bucket, round_up
+    from models.static_batch import prompt_bucket
+    from paged_attention.buckets import round_up
 
     model = models.load("tiny")
     requests = [Request(0, (5, 6, 7), 3, 0.0), Request(1, (8,) * 20, 9, 0.0), Request(2, (9, 9), 1, 0.0)]

@@ -13,6 +13,35 @@ from paged_attention.block_manager import BlockAllocator, BlockManager, NoFreeBl
 
 
 # ----- helpers -------------------------------------------------------------------------------------
+class TrackedBlockManager(BlockManager):
+    """The block manager plus the token lists its callers' sequences own (the manager keeps only
+    counts): `append_slot(seq_id, token)` appends to the caller's list and hands the manager the
+    whole list, as the scheduler does with `seq.tokens`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_ids: dict[int, list[int]] = {}
+
+    def allocate(self, seq_id, token_ids):
+        cached = super().allocate(seq_id, token_ids)
+        self.token_ids[seq_id] = list(token_ids)
+        return cached
+
+    def append_slot(self, seq_id, token):
+        tokens = self.token_ids[seq_id] + [token] if seq_id in self.block_tables else [token]
+        result = super().append_slot(seq_id, tokens)
+        self.token_ids[seq_id] = tokens
+        return result
+
+    def fork(self, parent_id, child_id):
+        super().fork(parent_id, child_id)
+        self.token_ids[child_id] = list(self.token_ids[parent_id])
+
+    def free(self, seq_id):
+        super().free(seq_id)
+        del self.token_ids[seq_id]
+
+
 def check_pool(pool: BlockAllocator, tables: dict[int, list[int]]) -> None:
     """Ref counts equal the (sequence, block) references; every block is exactly one of
     free / evictable / used; the hash table and the per-block keys agree."""
@@ -72,13 +101,13 @@ def test_constructor_validates_arguments(kwargs, name):
 
 
 def test_default_block_size_is_16():
-    bm = BlockManager(4)
+    bm = TrackedBlockManager(4)
     bm.allocate(0, list(range(17)))
     assert bm.block_size == 16 and bm.get_block_table(0) == [0, 1] and bm.get_slot(0, 16) == 16
 
 
 def test_block_tables_and_slots_by_hand():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4)
     assert bm.allocate(0, [10, 11, 12, 13, 14, 15]) == 0
     assert bm.get_block_table(0) == [0, 1]
     assert [bm.get_slot(0, p) for p in range(6)] == [0, 1, 2, 3, 4, 5]
@@ -102,7 +131,7 @@ def test_block_tables_and_slots_by_hand():
 
 
 def test_get_slot_and_allocate_reject_bad_input():
-    bm = BlockManager(4, block_size=4)
+    bm = TrackedBlockManager(4, block_size=4)
     bm.allocate(0, [1, 2, 3])
     with pytest.raises(IndexError):
         bm.get_slot(0, 3)
@@ -119,9 +148,25 @@ def test_get_slot_and_allocate_reject_bad_input():
     check(bm)
 
 
+def test_the_manager_reads_the_callers_tokens_and_keeps_only_counts():
+    """No token copy inside: `append_slot` takes the sequence's tokens (the new one last), checks
+    their count, and hashes a block it fills from them."""
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    tokens = [5, 6, 7]
+    bm.allocate(0, tokens)
+    assert not hasattr(bm, "token_ids") and bm.num_tokens(0) == 3
+    with pytest.raises(ValueError, match="needs its 4 token ids"):
+        bm.append_slot(0, tokens)  # the new token is missing
+    assert bm.num_tokens(0) == 3
+    tokens.append(8)
+    bm.append_slot(0, tokens)  # fills block 1 with (7, 8): cached under those ids
+    bm.free(0)
+    assert bm.allocate(1, [5, 6, 7, 8, 9]) == 4  # both full blocks found again
+
+
 # ----- exhaustion -----------------------------------------------------------------------------------
 def test_exhaustion_reports_cannot_allocate_and_changes_nothing():
-    bm = BlockManager(num_blocks=3, block_size=4)
+    bm = TrackedBlockManager(num_blocks=3, block_size=4)
     bm.allocate(0, [1] * 5)  # 2 blocks
     assert bm.can_allocate(4) and bm.can_allocate([7] * 4)
     assert not bm.can_allocate(5) and not bm.can_allocate([7] * 5)
@@ -133,7 +178,7 @@ def test_exhaustion_reports_cannot_allocate_and_changes_nothing():
 
 
 def test_can_append_false_when_full_and_append_changes_nothing():
-    bm = BlockManager(num_blocks=2, block_size=2)
+    bm = TrackedBlockManager(num_blocks=2, block_size=2)
     bm.allocate(0, [1, 2, 3])  # blocks 0, 1; one free slot left in block 1
     assert bm.can_append(0)
     bm.append_slot(0, 4)
@@ -147,7 +192,7 @@ def test_can_append_false_when_full_and_append_changes_nothing():
 
 
 def test_can_append_false_when_copy_on_write_needs_a_block():
-    bm = BlockManager(num_blocks=2, block_size=4)
+    bm = TrackedBlockManager(num_blocks=2, block_size=4)
     bm.allocate(0, [1, 2, 3, 4, 5])
     bm.fork(0, 1)
     assert bm.num_free_blocks == 0 and not bm.can_append(0) and not bm.can_append(1)
@@ -168,7 +213,7 @@ def test_refcounts_never_go_negative():
 
 
 def test_copy_on_write_copies_only_the_shared_written_block():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4)
     bm.allocate(0, [1, 2, 3, 4, 5, 6])  # [0, 1], block 1 half full
     bm.fork(0, 1)
     assert bm.get_block_table(1) == [0, 1] and bm.ref_count(0) == bm.ref_count(1) == 2
@@ -184,7 +229,7 @@ def test_copy_on_write_copies_only_the_shared_written_block():
 
 
 def test_shared_full_last_block_needs_no_copy():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4)
     bm.allocate(0, list(range(8)))  # two full blocks
     bm.fork(0, 1)
     for seq_id in (0, 1):
@@ -196,7 +241,7 @@ def test_shared_full_last_block_needs_no_copy():
 
 
 def test_three_way_fork_copies_twice():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4)
     bm.allocate(0, [1, 2])
     bm.fork(0, 1)
     bm.fork(1, 2)
@@ -208,7 +253,7 @@ def test_three_way_fork_copies_twice():
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2), (1, 2, 0), (0, 2, 1), (2, 0, 1)])
 def test_fork_and_free_in_any_order_releases_every_block_once(order):
-    bm = BlockManager(num_blocks=12, block_size=4)
+    bm = TrackedBlockManager(num_blocks=12, block_size=4)
     bm.allocate(0, list(range(6)))
     bm.append_slot(0, 6)
     bm.fork(0, 1)
@@ -225,7 +270,7 @@ def test_fork_and_free_in_any_order_releases_every_block_once(order):
 
 # ----- prefix caching ---------------------------------------------------------------------------------
 def cached_bm(num_blocks: int = 8) -> BlockManager:
-    return BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=True)
+    return TrackedBlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=True)
 
 
 A = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # two full blocks and a partial one
@@ -246,7 +291,7 @@ def test_prefix_hit_shares_blocks_across_requests():
 
 
 def test_prefix_caching_off_never_hits():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4)
     bm.allocate(0, A)
     assert bm.allocate(1, A) == 0 and bm.get_block_table(1) == [3, 4, 5]
     assert (bm.prefix_hits, bm.prefix_misses, bm.hit_rate) == (0, 0, 0.0)
@@ -370,7 +415,7 @@ def test_copy_on_write_target_is_hashed_only_when_full():
 
 # ----- swapping -------------------------------------------------------------------------------------------
 def test_swap_out_and_in_round_trip():
-    bm = BlockManager(num_blocks=6, block_size=4, num_cpu_blocks=3)
+    bm = TrackedBlockManager(num_blocks=6, block_size=4, num_cpu_blocks=3)
     bm.allocate(0, [1] * 5)
     bm.allocate(1, [2] * 3)  # blocks 0, 1 | 2
     assert bm.can_swap_out(0)
@@ -389,15 +434,15 @@ def test_swap_out_and_in_round_trip():
 
 
 def test_swap_refuses_without_room_and_changes_nothing():
-    bm = BlockManager(num_blocks=3, block_size=4, num_cpu_blocks=1)
+    bm = TrackedBlockManager(num_blocks=3, block_size=4, num_cpu_blocks=1)
     bm.allocate(0, [1] * 5)
     assert not bm.can_swap_out(0)
     before = snapshot(bm)
     with pytest.raises(NoFreeBlocksError):
         bm.swap_out(0)
     assert snapshot(bm) == before
-    assert BlockManager(3, block_size=4).can_swap_out([])  # an empty group always fits
-    bm2 = BlockManager(num_blocks=2, block_size=4, num_cpu_blocks=2)
+    assert TrackedBlockManager(3, block_size=4).can_swap_out([])  # an empty group always fits
+    bm2 = TrackedBlockManager(num_blocks=2, block_size=4, num_cpu_blocks=2)
     bm2.allocate(0, [1] * 5)
     bm2.swap_out(0)
     bm2.allocate(1, [1] * 5)
@@ -411,7 +456,7 @@ def test_swap_refuses_without_room_and_changes_nothing():
 
 
 def test_swapping_a_forked_group_copies_shared_blocks_once():
-    bm = BlockManager(num_blocks=8, block_size=4, num_cpu_blocks=8)
+    bm = TrackedBlockManager(num_blocks=8, block_size=4, num_cpu_blocks=8)
     bm.allocate(0, [1] * 6)
     bm.fork(0, 1)
     bm.append_slot(1, 2)  # CoW: 0 -> [0, 1], 1 -> [0, 2]
@@ -428,7 +473,7 @@ def test_swapping_a_forked_group_copies_shared_blocks_once():
 
 
 def test_swapping_one_of_two_sharers_gives_it_its_own_copy():
-    bm = BlockManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
+    bm = TrackedBlockManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
     bm.allocate(0, [1] * 3)
     bm.fork(0, 1)
     assert bm.swap_out(1) == [(0, 0)]
@@ -469,7 +514,7 @@ class Runner:
 @pytest.mark.parametrize("caching", [False, True])
 def test_random_ops_keep_invariants_and_contents(caching):
     rng = random.Random(1234 + caching)
-    bm = BlockManager(num_blocks=24, block_size=4, num_cpu_blocks=12, enable_prefix_caching=caching)
+    bm = TrackedBlockManager(num_blocks=24, block_size=4, num_cpu_blocks=12, enable_prefix_caching=caching)
     runner, next_id, stats = Runner(bm), 0, Counter()
     prefixes = [[rng.randrange(3) for _ in range(rng.randrange(1, 14))] for _ in range(4)]
     for _ in range(3000):

@@ -60,7 +60,7 @@ def paged_greedy(model: models.Model, prompts, max_new: int, *, backend: str, bl
     outputs = [[t] for t in np.asarray(logits).argmax(-1).tolist()]
     for _ in range(max_new - 1):
         for s in seq_ids:
-            _, copies = manager.append_slot(s, outputs[s][-1])
+            _, copies = manager.append_slot(s, prompts[s] + outputs[s])
             assert copies == []  # nothing is shared here
         context = [manager.num_tokens(s) for s in seq_ids]
         metadata = PagedMetadata.build([manager.get_block_table(s) for s in seq_ids], context,
