@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from continuous_batching.engine_config import KERNEL_SETS, KV_CACHE_DTYPES, POLICIES
+from continuous_batching.engine_config import ADMISSIONS, KERNEL_SETS, KV_CACHE_DTYPES, KV_MEMORIES, POLICIES
 from continuous_batching.reservation import RESERVATIONS
 from continuous_batching.scheduler import PREEMPTION_MODES
 from experiments.config_checks import check_config, check_model_limits
@@ -123,12 +123,18 @@ class AttentionBenchRunConfig(Strict):
 
 
 class ContinuousRunConfig(Strict):
-    """The continuous-batching engine (`continuous_batching.Engine`) under one scheduling policy;
-    see experiments/continuous_engine.py and continuous_batching/engine_config.py."""
+    """The continuous-batching engine (`continuous_batching.Engine`) under one policy preset, or its
+    settings given one by one; see experiments/continuous_engine.py and
+    continuous_batching/engine_config.py."""
 
     name: str
     engine: Literal["continuous"]
-    policy: Literal[tuple(POLICIES)] = "continuous"  # continuous_batching/engine_config.py
+    # the engine's settings (continuous_batching/engine_config.py): a policy preset, or the settings
+    # it presets given one by one (unset ones as policy 'continuous')
+    policy: Literal[tuple(POLICIES)] | None = None
+    admission: Literal[ADMISSIONS] | None = None
+    kv_memory: Literal[KV_MEMORIES] | None = None
+    chunked_prefill: bool | None = None
     reservation: Literal[RESERVATIONS] = "max"  # request_level only
     kv_cache_tokens: int = Field(default=65536, gt=0)  # KV slots on the device (blocks x block_size)
     block_size: int = Field(default=16, gt=0)

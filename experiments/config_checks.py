@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from continuous_batching.engine_config import POLICIES
+from continuous_batching.engine_config import EngineConfig
 from experiments.metric_names import SWEEP_ENGINES, claimable_metrics
 from paged_attention.buckets import is_pow2, pow2_at_least, round_up
 
 Problem = tuple[str, str]  # (YAML path, message)
 
-PAGED_POLICIES = tuple(name for name, p in POLICIES.items() if p.kv_memory == "paged")  # the others reserve up front
 
 # Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
@@ -165,14 +164,27 @@ def _whole_blocks(key: str, tokens: int, block_size: int, what: str) -> Iterator
                f"{block_size}, {2 * block_size}, {3 * block_size}, ... (got {tokens})")
 
 
+def engine_settings(run) -> EngineConfig:
+    """A continuous run's policy preset or its settings (admission, kv_memory, chunked_prefill), as
+    the engine's own rules resolve them (ValueError naming the field when they conflict)."""
+    return EngineConfig(policy=run.policy, admission=run.admission, kv_memory=run.kv_memory,
+                        chunked_prefill=run.chunked_prefill)
+
+
 def _continuous(run, workload) -> Iterator[tuple[str, str]]:
-    paged = run.policy in PAGED_POLICIES
-    yield from _ignored(run, "reservation", run.policy == "request_level", "under policy 'request_level'")
+    try:
+        settings = engine_settings(run)
+    except ValueError as e:  # "EngineConfig.<field> must be ..."
+        yield (str(e).split()[0].removeprefix("EngineConfig."), str(e))
+        return
+    paged, name = settings.paged, settings.name
+    reserved_iteration = not paged and not settings.batch_admission
+    yield from _ignored(run, "reservation", reserved_iteration, "under policy 'request_level'")
     yield from _ignored(run, "preemption", paged, "under policies 'continuous' and 'chunked_prefill' "
-                        f"(policy {run.policy!r} reserves each request's KV up front and never preempts)")
+                        f"(policy {name!r} reserves each request's KV up front and never preempts)")
     yield from _ignored(run, "swap_space_tokens", paged and run.preemption == "swap", "with preemption 'swap'")
     yield from _ignored(run, "enable_prefix_caching", paged, "under policies 'continuous' and 'chunked_prefill' "
-                        f"(policy {run.policy!r} does not share blocks)")
+                        f"(policy {name!r} does not share blocks)")
     yield from _pallas_block_size(run)
     bs = run.block_size
     not_whole = list(_whole_blocks("kv_cache_tokens", run.kv_cache_tokens, bs, "the device KV cache"))

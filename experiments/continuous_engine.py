@@ -16,6 +16,7 @@ server with a precompiled bucket grid does, and the run reports how many steps d
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -27,6 +28,7 @@ from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.step_shapes import ShapeSet
+from experiments.config_checks import engine_settings
 from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
 
@@ -34,12 +36,12 @@ from experiments.workloads import Request
 def engine_config(run_config, requests: list[Request]) -> EngineConfig:
     longest = max(len(r.prompt) + r.output_len for r in requests)
     max_model_len = run_config.max_model_len or -(-longest // run_config.block_size) * run_config.block_size
-    return EngineConfig(
-        policy=run_config.policy, reservation=run_config.reservation, block_size=run_config.block_size,
+    settings = engine_settings(run_config)
+    return dataclasses.replace(
+        settings, reservation=run_config.reservation, block_size=run_config.block_size,
         num_blocks=run_config.kv_cache_tokens // run_config.block_size, max_num_seqs=run_config.max_num_seqs,
         max_num_batched_tokens=max(run_config.max_num_batched_tokens,
-                                   0 if run_config.policy == "chunked_prefill" else
-                                   max(len(r.prompt) for r in requests)),
+                                   0 if settings.chunks_prompts else max(len(r.prompt) for r in requests)),
         max_model_len=max_model_len, preemption=run_config.preemption,
         num_cpu_blocks=run_config.swap_space_tokens // run_config.block_size,
         enable_prefix_caching=run_config.enable_prefix_caching, backend=run_config.backend,

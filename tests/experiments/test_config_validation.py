@@ -185,6 +185,15 @@ def test_engine_settings_of_the_continuous_run_name_their_values():
     parse_config(config(cont(kernels="xla", kv_cache_dtype="bfloat16")))
 
 
+def test_engine_settings_given_one_by_one_follow_the_engine_rules():
+    """`admission`, `kv_memory`, `chunked_prefill` beside or instead of a policy: EngineConfig's own
+    checks, named by the YAML field."""
+    rejects(config(cont(policy="static", admission="iteration")), "runs[0].admission", "under policy 'static'")
+    rejects(config(cont(admission="batch", chunked_prefill=True)), "runs[0].chunked_prefill", "batch admission")
+    rejects(config(cont(kv_memory="contiguous")), "runs[0].kv_memory", "'paged'")
+    parse_config(config(cont(admission="batch", kv_memory="paged", enable_prefix_caching=True)))
+
+
 # 7 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data, expected", [
     (config(cont(policy="continuous", reservation="max")),

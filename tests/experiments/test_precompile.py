@@ -20,6 +20,9 @@ RUNS = {
     "continuous": {"engine": "continuous", "policy": "continuous", "kv_cache_tokens": 256, "block_size": 4},
     "chunked": {"engine": "continuous", "policy": "chunked_prefill", "kv_cache_tokens": 256, "block_size": 4,
                 "max_num_batched_tokens": 16},
+    # a combination no policy names: static batches on pages with prefix caching (what engine `paged` serves)
+    "batch_on_pages": {"engine": "continuous", "admission": "batch", "kv_memory": "paged", "max_num_seqs": 2,
+                       "enable_prefix_caching": True, "kv_cache_tokens": 256, "block_size": 4},
 }
 
 
@@ -40,6 +43,17 @@ def test_precompiled_run_compiles_nothing_and_matches_the_untimed_pass(tiny_mode
         outputs[warmup] = dict(engine.outputs)
     assert outputs["precompile"] == outputs["untimed_pass"]
     assert [len(outputs["precompile"][r.request_id]) for r in REQUESTS] == [r.output_len for r in REQUESTS]
+
+
+def test_engine_settings_from_the_run_config_give_the_reference_tokens(tiny_model):
+    """`admission` / `kv_memory` given one by one reach the engine: static batches of 2 on pages."""
+    drop_compiled_programs()
+    engine = make_engine(tiny_model, _run_config("batch_on_pages", "untimed_pass"), REQUESTS)
+    assert (engine.config.settings, engine.config.max_num_seqs) == (("batch", "paged", False), 2)
+    warm_up_and_serve(engine, REQUESTS, "batch_on_pages", "untimed_pass")
+    expected = models.generate(tiny_model, [list(r.prompt) for r in REQUESTS],
+                               max_new_tokens=max(r.output_len for r in REQUESTS), ignore_eos=True)
+    assert [engine.outputs[r.request_id] for r in REQUESTS] == [e[:r.output_len] for e, r in zip(expected, REQUESTS)]
 
 
 def test_continuous_precompile_runs_one_step_per_new_shape(tiny_model, monkeypatch):
