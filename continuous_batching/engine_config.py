@@ -59,6 +59,14 @@ POLICIES = {
 }
 
 
+class EngineConfigError(ValueError):
+    """A bad engine setting; `field` names it (the harness reports it under its own YAML key)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     policy: str | None = None  # a preset (POLICIES); None: the settings below, unset ones as `continuous`
@@ -83,7 +91,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         def check(field: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"EngineConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
+                raise EngineConfigError(field, f"EngineConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
 
         check("policy", self.policy is None or self.policy in POLICIES, f"one of {sorted(POLICIES)} (or None)")
         check("admission", self.admission in (None, *ADMISSIONS), f"one of {list(ADMISSIONS)}")

@@ -91,8 +91,7 @@ class PagedModelRunner:
         config = model.config
         self.model, self.backend, self.ops = model, backend, get_ops(kernels)
         self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads)
-        self.block_size, self.max_num_seqs, self.max_blocks = block_size, max_num_seqs, max_blocks_per_seq
-        self.num_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
+        self.max_num_seqs, self.max_blocks, self.num_cpu_blocks = max_num_seqs, max_blocks_per_seq, num_cpu_blocks
         replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.input_sharding = replicated
         self.params = jax.device_put(model.params, param_sharding or replicated)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 from typing import Sequence as Seq
 
-from paged_attention.block_manager import NoFreeBlocksError
+from paged_attention.block_manager import NoFreeBlocksError, check_appended_tokens
 from paged_attention.buckets import pow2_at_least
 
 RESERVATIONS = ("max", "pow2", "oracle")
@@ -159,9 +159,7 @@ class ReservationManager:
     def append_slot(self, seq_id: int, token_ids: Seq[int]) -> tuple[int, list[tuple[int, int]]]:
         """Place one more token in the region (`token_ids`: the sequence's tokens, that one last; only
         their count is read); returns (slot, no copies)."""
-        if len(token_ids) != self.lengths[seq_id] + 1:
-            raise ValueError(f"append_slot for sequence {seq_id} of {self.lengths[seq_id]} tokens needs its "
-                             f"{self.lengths[seq_id] + 1} token ids (the new one last), got {len(token_ids)}")
+        check_appended_tokens(seq_id, self.lengths[seq_id], token_ids)
         if not self.can_append(seq_id):
             raise NoFreeBlocksError(f"sequence {seq_id} outgrew its reservation")
         slot = self.regions[seq_id][0] * self.block_size + self.lengths[seq_id]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from continuous_batching.engine_config import EngineConfig
+from continuous_batching.engine_config import EngineConfig, EngineConfigError
 from experiments.metric_names import SWEEP_ENGINES, claimable_metrics
 from paged_attention.buckets import is_pow2, pow2_at_least, round_up
 
@@ -166,7 +166,7 @@ def _whole_blocks(key: str, tokens: int, block_size: int, what: str) -> Iterator
 
 def engine_settings(run) -> EngineConfig:
     """A continuous run's policy preset or its settings (admission, kv_memory, chunked_prefill), as
-    the engine's own rules resolve them (ValueError naming the field when they conflict)."""
+    the engine's own rules resolve them (EngineConfigError naming the field when they conflict)."""
     return EngineConfig(policy=run.policy, admission=run.admission, kv_memory=run.kv_memory,
                         chunked_prefill=run.chunked_prefill)
 
@@ -174,8 +174,8 @@ def engine_settings(run) -> EngineConfig:
 def _continuous(run, workload) -> Iterator[tuple[str, str]]:
     try:
         settings = engine_settings(run)
-    except ValueError as e:  # "EngineConfig.<field> must be ..."
-        yield (str(e).split()[0].removeprefix("EngineConfig."), str(e))
+    except EngineConfigError as e:
+        yield (e.field, str(e))
         return
     paged, name = settings.paged, settings.name
     reserved_iteration = not paged and not settings.batch_admission

@@ -91,6 +91,13 @@ class BlockAllocator:
             self.block_key[block] = key
 
 
+def check_appended_tokens(seq_id: int, num_tokens: int, token_ids: Sequence[int]) -> None:
+    """`append_slot`'s argument is the sequence's tokens with the new one last: one more than it holds."""
+    if len(token_ids) != num_tokens + 1:
+        raise ValueError(f"append_slot for sequence {seq_id} of {num_tokens} tokens needs its "
+                         f"{num_tokens + 1} token ids (the new one last), got {len(token_ids)}")
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -241,9 +248,7 @@ class BlockManager:
         its slot and the (src, dst) block copies to do before the step writes it. Only the written
         (last) block is ever copied."""
         table, position, copies = self.block_tables[seq_id], self.lengths[seq_id], []
-        if len(token_ids) != position + 1:
-            raise ValueError(f"append_slot for sequence {seq_id} of {position} tokens needs its "
-                             f"{position + 1} token ids (the new one last), got {len(token_ids)}")
+        check_appended_tokens(seq_id, position, token_ids)
         if position % self.block_size == 0:  # last block full (maybe shared or cached): a new one
             table.append(self.gpu.allocate())
         elif self.gpu.ref_counts[table[-1]] > 1:  # partly filled and shared: copy on write
