@@ -281,6 +281,12 @@ class Engine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    def prefix_cache_usage(self) -> tuple[float, float]:
+        """(prefix-cache hit rate over the full prompt blocks looked up, fraction of admitted tokens
+        found cached), both 0.0 without prefix caching."""
+        hit_rate = self.manager.hit_rate if self.config.enable_prefix_caching else 0.0
+        return hit_rate, self.scheduler.cached_tokens / max(1, self.scheduler.admitted_tokens)
+
     def kv_usage(self) -> tuple[int, int]:
         """(tokens whose K/V the cache holds, KV blocks in use) right now."""
         return self.manager.num_real_tokens, self.manager.num_used_blocks

@@ -89,6 +89,8 @@ class Scheduler:
         self.swapped: list[Sequence] = []  # oldest first
         self.running: list[Sequence] = []  # admission order: oldest first
         self.num_preemptions = 0
+        self.admitted_tokens = 0  # tokens of sequences at their admission (prompt, or prompt + output on recompute)
+        self.cached_tokens = 0  # of those, found in the prefix cache (not computed)
 
     def add(self, seq: Sequence) -> None:
         if not (self.chunked_prefill or self.admit_when_idle) and seq.num_tokens > self.budget:
@@ -144,6 +146,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.num_computed = self._allocate(seq)
+            self.admitted_tokens += seq.num_tokens
+            self.cached_tokens += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.seqs.append(self._plan(seq, budget))
@@ -167,6 +171,7 @@ class Scheduler:
         for seq in batch:
             self.waiting.popleft()
             seq.num_computed, seq.status = 0, Status.RUNNING
+            self.admitted_tokens += seq.num_tokens
             self.running.append(seq)
             plan.seqs.append(self._plan(seq, self.budget))
 

@@ -24,7 +24,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from continuous_batching.engine_config import ADMISSIONS, KERNEL_SETS, KV_CACHE_DTYPES, KV_MEMORIES, POLICIES
+from continuous_batching.engine_config import (ADMISSIONS, KERNEL_SETS, KV_CACHE_DTYPES, KV_MEMORIES, POLICIES,
+                                               EngineConfig)
 from continuous_batching.reservation import RESERVATIONS
 from continuous_batching.scheduler import PREEMPTION_MODES
 from experiments.config_checks import check_config, check_model_limits
@@ -73,18 +74,6 @@ class HFRunConfig(Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
-class PagedRunConfig(Strict):
-    """Our paged engine in static batches: blocks on demand, finished rows leave at once, optional
-    automatic prefix caching (cached full prompt blocks are not recomputed)."""
-
-    name: str
-    engine: Literal["paged"]
-    batch_size: int = Field(default=8, gt=0)
-    block_size: int = Field(default=16, gt=0)
-    enable_prefix_caching: bool = False
-    backend: Literal["paged_reference", "paged"] = "paged_reference"  # jnp references / Pallas kernels
-
-
 class MemorySimRunConfig(Strict):
     """KV-memory simulation (vLLM Fig. 2 / 13): no model runs; see experiments/memory_sim.py."""
 
@@ -122,31 +111,39 @@ class AttentionBenchRunConfig(Strict):
     iterations: int = Field(default=50, gt=0)
 
 
+def _engine_default(field: str):
+    return EngineConfig.__dataclass_fields__[field].default
+
+
 class ContinuousRunConfig(Strict):
-    """The continuous-batching engine (`continuous_batching.Engine`) under one policy preset, or its
-    settings given one by one; see experiments/continuous_engine.py and
-    continuous_batching/engine_config.py."""
+    """The continuous-batching engine (`continuous_batching.Engine`; experiments/continuous_engine.py).
+
+    Besides `name` and `engine`, every key is an `EngineConfig` field of the same name, meaning and
+    default (continuous_batching/engine_config.py), passed to it as given and validated by it; two
+    defaults are the harness's, and one is filled from the workload:
+    `num_blocks` 4096 (a 64Ki-token cache at block_size 16) and `max_num_seqs` 256 (vLLM's default),
+    sized for the real workloads; an unset `max_model_len` is the workload's longest request in whole
+    blocks. `mesh` (a device object) and `seed` (the harness's requests are greedy) are not YAML keys.
+    """
 
     name: str
     engine: Literal["continuous"]
-    # the engine's settings (continuous_batching/engine_config.py): a policy preset, or the settings
-    # it presets given one by one (unset ones as policy 'continuous')
-    policy: Literal[tuple(POLICIES)] | None = None
+    policy: Literal[tuple(POLICIES)] | None = None  # a preset, or the settings below one by one
     admission: Literal[ADMISSIONS] | None = None
     kv_memory: Literal[KV_MEMORIES] | None = None
     chunked_prefill: bool | None = None
-    reservation: Literal[RESERVATIONS] = "max"  # request_level only
-    kv_cache_tokens: int = Field(default=65536, gt=0)  # KV slots on the device (blocks x block_size)
-    block_size: int = Field(default=16, gt=0)
+    reservation: Literal[RESERVATIONS] = _engine_default("reservation")
+    num_blocks: int = Field(default=4096, gt=0)
+    block_size: int = Field(default=_engine_default("block_size"), gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=2048, gt=0)
+    max_num_batched_tokens: int = Field(default=_engine_default("max_num_batched_tokens"), gt=0)
     max_model_len: int | None = Field(default=None, gt=0)  # None: the workload's longest request
-    preemption: Literal[PREEMPTION_MODES] = "recompute"
-    swap_space_tokens: int = Field(default=0, ge=0)  # CPU blocks x block_size (swap preemption)
-    enable_prefix_caching: bool = False
-    backend: Literal[PAGED_BACKENDS] = "paged_cpu"  # paged_attention/backend_names.py
-    kernels: Literal[KERNEL_SETS] = "xla"  # the model's ops set (models/ops.py)
-    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = "auto"  # auto: the model's dtype
+    preemption: Literal[PREEMPTION_MODES] = _engine_default("preemption")
+    num_cpu_blocks: int = Field(default=_engine_default("num_cpu_blocks"), ge=0)
+    enable_prefix_caching: bool = _engine_default("enable_prefix_caching")
+    backend: Literal[PAGED_BACKENDS] = _engine_default("backend")
+    kernels: Literal[KERNEL_SETS] = _engine_default("kernels")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _engine_default("kv_cache_dtype")
 
 
 class LlamaCppRunConfig(Strict):
@@ -172,7 +169,7 @@ class GemmRooflineRunConfig(Strict):
 
 
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
-RUN_CONFIGS = (StaticRunConfig, HFRunConfig, PagedRunConfig, MemorySimRunConfig, SharingRunConfig,
+RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig, SharingRunConfig,
                AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]

@@ -11,11 +11,11 @@ Every check returns `(YAML path, message)` pairs, the message naming the allowed
 - one experiment, one kind of results table and plot (experiments/tables.py `_table_kind`): serving
   and decode engines together, or only memory simulations, only sharing simulations, or only
   attention benchmarks
+- a continuous run's engine settings, checked by `EngineConfig` itself (its error names the field)
 - a key set in the YAML where the run ignores it (pydantic's `model_fields_set`: set, even to its
   default, as opposed to left out) is an error: e.g. `reservation` outside policy `request_level`
 - sizes that can only fail later: a memory-sim budget below one request's reservation (the
-  simulation would wait forever), a KV cache or swap space that is not whole blocks, a KV cache
-  that cannot hold one request, a non-power-of-two `block_size` for the Pallas kernels
+  simulation would wait forever), a KV cache that cannot hold one request, a non-power-of-two `block_size` for the Pallas kernels
 - `warmup: precompile` only with engines that have a `precompile()` (`PRECOMPILE_ENGINES`)
 - `check_model_limits`: what needs the model's config (its context length), read before the weights
 
@@ -26,6 +26,7 @@ A size check fails when some request the caps allow would not fit; with no caps 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 from continuous_batching.engine_config import EngineConfig, EngineConfigError
@@ -37,12 +38,12 @@ Problem = tuple[str, str]  # (YAML path, message)
 
 # Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
-REPORT_GROUPS = (("static", "hf", "paged", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
+REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
                  ("memory_sim",), ("sharing_sim",), ("attention_bench",))
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
-PRECOMPILE_ENGINES = ("static", "hf", "paged", "continuous", "llama-cpp")
+PRECOMPILE_ENGINES = ("static", "hf", "continuous", "llama-cpp")
 
 
 def check_config(config) -> list[Problem]:
@@ -158,55 +159,52 @@ def _pallas_block_size(run) -> Iterator[tuple[str, str]]:
                f"4, 8, 16, 32, 64, 128, 256, ... (got {run.block_size})")
 
 
-def _whole_blocks(key: str, tokens: int, block_size: int, what: str) -> Iterator[tuple[str, str]]:
-    if tokens < block_size or tokens % block_size:
-        yield (key, f"{what} is whole blocks: a positive multiple of block_size ({block_size}); allowed: "
-               f"{block_size}, {2 * block_size}, {3 * block_size}, ... (got {tokens})")
+# A continuous run's keys that are EngineConfig fields (all of them but `mesh` and `seed`): the run
+# passes them to EngineConfig as given (experiments/continuous_engine.py `engine_config`).
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name not in ("mesh", "seed"))
 
 
-def engine_settings(run) -> EngineConfig:
-    """A continuous run's policy preset or its settings (admission, kv_memory, chunked_prefill), as
-    the engine's own rules resolve them (EngineConfigError naming the field when they conflict)."""
-    return EngineConfig(policy=run.policy, admission=run.admission, kv_memory=run.kv_memory,
-                        chunked_prefill=run.chunked_prefill)
+def engine_settings(run, *, max_model_len: int = 1) -> EngineConfig:
+    """A continuous run's settings as the engine's own rules resolve and check them
+    (EngineConfigError naming the field); an unset max_model_len is `max_model_len`."""
+    return EngineConfig(**{key: getattr(run, key) for key in ENGINE_KEYS if key != "max_model_len"},
+                        max_model_len=run.max_model_len or max_model_len)
 
 
 def _continuous(run, workload) -> Iterator[tuple[str, str]]:
-    try:
-        settings = engine_settings(run)
+    try:  # first the preset alone: which keys apply depends on it
+        settings = EngineConfig(policy=run.policy, admission=run.admission, kv_memory=run.kv_memory,
+                                chunked_prefill=run.chunked_prefill)
     except EngineConfigError as e:
         yield (e.field, str(e))
         return
     paged, name = settings.paged, settings.name
     reserved_iteration = not paged and not settings.batch_admission
-    yield from _ignored(run, "reservation", reserved_iteration, "under policy 'request_level'")
-    yield from _ignored(run, "preemption", paged, "under policies 'continuous' and 'chunked_prefill' "
-                        f"(policy {name!r} reserves each request's KV up front and never preempts)")
-    yield from _ignored(run, "swap_space_tokens", paged and run.preemption == "swap", "with preemption 'swap'")
-    yield from _ignored(run, "enable_prefix_caching", paged, "under policies 'continuous' and 'chunked_prefill' "
-                        f"(policy {name!r} does not share blocks)")
+    ignored = [*_ignored(run, "reservation", reserved_iteration, "under policy 'request_level'"),
+               *_ignored(run, "preemption", paged, "under policies 'continuous' and 'chunked_prefill' "
+                         f"(policy {name!r} reserves each request's KV up front and never preempts)"),
+               *_ignored(run, "num_cpu_blocks", paged and run.preemption == "swap", "with preemption 'swap'"),
+               *_ignored(run, "enable_prefix_caching", paged, "on paged KV memory (policies 'continuous' and "
+                         f"'chunked_prefill', or kv_memory 'paged'; policy {name!r} does not share blocks)")]
+    yield from ignored
+    try:  # then every setting, by the engine's rules
+        engine_settings(run)
+    except EngineConfigError as e:
+        if e.field not in {key for key, _ in ignored}:
+            yield (e.field, str(e))
     yield from _pallas_block_size(run)
     bs = run.block_size
-    not_whole = list(_whole_blocks("kv_cache_tokens", run.kv_cache_tokens, bs, "the device KV cache"))
-    yield from not_whole
-    if paged and run.preemption == "swap":
-        yield from _whole_blocks("swap_space_tokens", run.swap_space_tokens, bs,
-                                 "preemption 'swap' needs CPU swap space, which")
     longest = longest_request(workload)
     if run.max_model_len is not None and longest is not None and longest > run.max_model_len:
         yield ("max_model_len", f"{run.max_model_len} is below the workload's longest request: up to "
                f"{_describe_longest(workload)}; allowed: >= {longest}, or unset (the workload's longest)")
         return
     model_len = run.max_model_len or (round_up(longest, bs) if longest is not None else None)
-    if not not_whole and model_len is not None and round_up(model_len, bs) > run.kv_cache_tokens:
+    if model_len is not None and round_up(model_len, bs) > run.num_blocks * bs:
         source = ("max_model_len" if run.max_model_len else
                   f"unset max_model_len: the workload's longest request, up to {longest} tokens, in whole blocks")
-        yield ("kv_cache_tokens", f"{run.kv_cache_tokens} cannot hold one request of {model_len} tokens "
-               f"({source}); allowed: >= {round_up(model_len, bs)} (whole blocks of {bs})")
-
-
-def _paged(run, workload) -> Iterator[tuple[str, str]]:
-    yield from _pallas_block_size(run)
+        yield ("num_blocks", f"{run.num_blocks} blocks of {bs} tokens cannot hold one request of {model_len} "
+               f"tokens ({source}); allowed: >= {-(-model_len // bs)}")
 
 
 def _attention_bench(run, workload) -> Iterator[tuple[str, str]]:
@@ -275,6 +273,6 @@ def _none(run, workload) -> Iterator[tuple[str, str]]:
     return iter(())
 
 
-_RUN_CHECKS = {"continuous": _continuous, "paged": _paged, "attention_bench": _attention_bench,
+_RUN_CHECKS = {"continuous": _continuous, "attention_bench": _attention_bench,
                "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
                "llama-cpp": _none, "gemm_roofline": _none}

@@ -31,21 +31,19 @@ from continuous_batching.step_shapes import ShapeSet
 from experiments.config_checks import engine_settings
 from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
+from paged_attention.buckets import round_up
 
 
 def engine_config(run_config, requests: list[Request]) -> EngineConfig:
+    """The run's `EngineConfig`: its keys as given (experiments/config.py `ContinuousRunConfig`), an
+    unset `max_model_len` as the workload's longest request in whole blocks, and a token budget of
+    at least the longest prompt when prompts are not chunked (a whole prompt is one step's work)."""
     longest = max(len(r.prompt) + r.output_len for r in requests)
-    max_model_len = run_config.max_model_len or -(-longest // run_config.block_size) * run_config.block_size
-    settings = engine_settings(run_config)
-    return dataclasses.replace(
-        settings, reservation=run_config.reservation, block_size=run_config.block_size,
-        num_blocks=run_config.kv_cache_tokens // run_config.block_size, max_num_seqs=run_config.max_num_seqs,
-        max_num_batched_tokens=max(run_config.max_num_batched_tokens,
-                                   0 if settings.chunks_prompts else max(len(r.prompt) for r in requests)),
-        max_model_len=max_model_len, preemption=run_config.preemption,
-        num_cpu_blocks=run_config.swap_space_tokens // run_config.block_size,
-        enable_prefix_caching=run_config.enable_prefix_caching, backend=run_config.backend,
-        kernels=run_config.kernels, kv_cache_dtype=run_config.kv_cache_dtype)
+    config = engine_settings(run_config, max_model_len=round_up(longest, run_config.block_size))
+    if not config.chunks_prompts:
+        longest_prompt = max(len(r.prompt) for r in requests)
+        config = dataclasses.replace(config, max_num_batched_tokens=max(config.max_num_batched_tokens, longest_prompt))
+    return config
 
 
 class ContinuousServeEngine:
@@ -135,6 +133,7 @@ class ContinuousServeEngine:
                     progress(1)
         wall = time.perf_counter() - start
         generated = sum(r.output_len for r in requests)
+        hit_rate, cached_fraction = engine.prefix_cache_usage()
         return RunTrace(records, wall, blocks_peak * block_size * per_token, used_peak * per_token,
                         util_sum / max(1, num_steps), generated, prefill_s,
                         extra_metrics={"num_steps": num_steps, "num_preemptions": engine.num_preemptions,
@@ -143,7 +142,9 @@ class ContinuousServeEngine:
                                        "prefill_steps": engine.stats.prefill_steps,
                                        "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
                                        "inter_token_latency_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
-                                       "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0})
+                                       "inter_token_latency_p95_s": float(np.percentile(gaps, 95)) if gaps else 0.0,
+                                       "prefix_cache_hit_rate": hit_rate,
+                                       "cached_prompt_token_fraction": cached_fraction})
 
 
 def _sampling_params(r: Request) -> SamplingParams:

@@ -29,7 +29,6 @@ from experiments.workloads import Request
 ENGINES = {
     "static": "experiments.static_engine:StaticEngine",
     "hf": "experiments.baselines.hf_generate:HFGenerateEngine",
-    "paged": "experiments.paged_engine:PagedStaticEngine",
     "continuous": "experiments.continuous_engine:ContinuousServeEngine",
     "llama-cpp": "experiments.baselines.llama_cpp:LlamaCppEngine",
     "llama-cpp-parallel": "experiments.baselines.llama_cpp_parallel:LlamaCppParallelEngine",

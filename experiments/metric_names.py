@@ -29,16 +29,16 @@ MICRO_BENCHMARK = ("kv_bytes_allocated_peak",)
 
 # experiments/run.py `token_agreement`: runs whose engine records its tokens, when two or more did
 TOKEN_AGREEMENT = ("same_tokens_fraction",)
-RECORDS_TOKENS = ("static", "hf", "paged", "continuous", "llama-cpp")
+RECORDS_TOKENS = ("static", "hf", "continuous", "llama-cpp")
 
 # engine (the YAML `engine:` tag) -> (base set, its RunTrace.extra_metrics, in the engine's module)
 _ENGINES = {
     "static": (SERVING, ()),  # experiments/static_engine.py
     "hf": (SERVING, ("torch_threads", "attn_implementation")),  # experiments/baselines/hf_generate.py
-    "paged": (SERVING, ("prefix_cache_hit_rate", "cached_prompt_token_fraction")),  # experiments/paged_engine.py
     "continuous": (SERVING, ("num_steps", "num_preemptions", "padded_steps", "mean_seqs_per_step", "prefill_steps",
                              "decode_tokens_per_s", "inter_token_latency_p50_s",
-                             "inter_token_latency_p95_s")),  # experiments/continuous_engine.py
+                             "inter_token_latency_p95_s", "prefix_cache_hit_rate",
+                             "cached_prompt_token_fraction")),  # experiments/continuous_engine.py
     "llama-cpp": (SERVING, ("decode_tokens_per_s", "mean_seqs_per_step")),  # experiments/baselines/llama_cpp.py
     "memory_sim": (SIMULATION, ("mean_batched_requests", "max_concurrent_requests", "iterations",
                                 "saturated_iterations", "preemptions", "recomputed_tokens",

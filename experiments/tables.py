@@ -21,6 +21,7 @@ TABLE_COLUMNS = [
     ("normalized_latency_s_per_token", "norm. latency s/tok", "{:.3f}"),
     ("inter_token_latency_p95_s", "ITL p95 s", "{:.3f}"),  # continuous engine only
     ("num_preemptions", "preempted", "{:d}"),  # continuous engine only
+    ("cached_prompt_token_fraction", "cached prompt", "{:.0%}"),  # shown only where some run cached any
     ("startup_s", "startup s", "{:.1f}"),
     ("startup_compilations", "startup compiles", "{:d}"),
     ("num_compilations", "timed compiles", "{:d}"),
@@ -66,6 +67,7 @@ DECODE_COLUMNS = [
     ("num_compilations", "compiles", "{:d}"),
 ]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
+_SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "simulation": (SIMULATION_COLUMNS, "output_tokens_per_iteration"),
@@ -99,6 +101,7 @@ def markdown_table(runs: list[dict]) -> str:
     """One row per run; for timed runs and memory simulations the last column is throughput
     relative to the first run."""
     columns, speed = _TABLES[_table_kind(runs)]
+    columns = [c for c in columns if c[0] not in _SHOWN_WHEN_NONZERO or any(_value(run, c[0]) for run in runs)]
     header = ["run"] + [title for _, title, _ in columns] + ([f"vs {runs[0]['name']}"] if speed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = runs[0]["metrics"].get(speed) if speed else None

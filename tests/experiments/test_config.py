@@ -71,3 +71,20 @@ def test_fixed_workload_needs_both_lengths():
     data["workload"] = {"kind": "fixed", "num_requests": 2, "max_prompt_len": 8}
     with pytest.raises(ConfigError, match="kind 'fixed' needs max_prompt_len and max_output_len"):
         parse_config(data)
+
+
+def test_a_continuous_run_embeds_the_engine_config():
+    """Every key of a continuous run but `name` and `engine` is an EngineConfig field of the same
+    name and default, except the harness's documented sizes; and every EngineConfig field is a key
+    but the two that are not YAML (a device mesh, and the seed of requests that are greedy here)."""
+    import dataclasses
+
+    from continuous_batching.engine_config import EngineConfig
+    from experiments.config import ContinuousRunConfig
+    from experiments.config_checks import ENGINE_KEYS
+
+    fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    run_keys = set(ContinuousRunConfig.model_fields) - {"name", "engine"}
+    assert run_keys == set(ENGINE_KEYS) == set(fields) - {"mesh", "seed"}
+    differ = {key for key in run_keys if ContinuousRunConfig.model_fields[key].default != fields[key]}
+    assert differ == {"num_blocks", "max_num_seqs", "max_model_len"}  # named in ContinuousRunConfig's docstring

@@ -102,10 +102,10 @@ def test_claim_metrics_are_checked_against_the_runs_engines(runs, claims, expect
     {"name": "m", "engine": "gemm_roofline"},
 ])
 def test_rate_sweep_only_over_serving_engines(engine_run):
-    assert SWEEP_ENGINES == ("static", "hf", "paged", "continuous", "llama-cpp")
+    assert SWEEP_ENGINES == ("static", "hf", "continuous", "llama-cpp")
     rejects(config(engine_run, request_rates=[1, 2]),
             f"runs[0].engine: run 'm' (engine {engine_run['engine']!r}) cannot be swept over request_rates: it "
-            "serves no requests on a clock; allowed engines in a sweep: static, hf, paged, continuous, llama-cpp")
+            "serves no requests on a clock; allowed engines in a sweep: static, hf, continuous, llama-cpp")
     parse_config(config(cont(), {"name": "s", "engine": "static"}, request_rates=[1, 2]))
 
 
@@ -114,7 +114,7 @@ def test_one_report_kind_per_experiment():
     after every run had finished."""
     rejects(config(cont(), mem("max", kv_budget_tokens=4096)),
             "runs[1].engine: 'memory_sim' (run 'm') cannot share an experiment with 'continuous' (runs[0]): the "
-            "results table and plot are one kind per experiment; allowed beside 'continuous': static, hf, paged, "
+            "results table and plot are one kind per experiment; allowed beside 'continuous': static, hf, "
             "continuous, llama-cpp, gemm_roofline")
     parse_config(config(cont(), {"name": "r", "engine": "gemm_roofline"}, {"name": "l", "engine": "llama-cpp"}))
 
@@ -140,8 +140,7 @@ def test_report_groups_match_the_report_kinds():
 
 # 4 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("run", [
-    {"name": "r", "engine": "paged", "backend": "paged", "block_size": 12},
-    cont(name="r", backend="paged", block_size=12, kv_cache_tokens=1200),
+    cont(name="r", backend="paged", block_size=12, num_blocks=100),
     {"name": "r", "engine": "attention_bench", "backend": "paged", "block_size": 12, "context_len": 8},
 ])
 def test_pallas_backend_needs_power_of_two_blocks(run):
@@ -153,21 +152,17 @@ def test_pallas_backend_needs_power_of_two_blocks(run):
 
 # 5 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("run, expected", [
-    (cont(kv_cache_tokens=8), "runs[0].kv_cache_tokens: the device KV cache is whole blocks: a positive multiple "
-                              "of block_size (16); allowed: 16, 32, 48, ... (got 8)"),
-    (cont(kv_cache_tokens=100), "runs[0].kv_cache_tokens: the device KV cache is whole blocks"),
-    (cont(preemption="swap", swap_space_tokens=8),
-     "runs[0].swap_space_tokens: preemption 'swap' needs CPU swap space, which is whole blocks: a positive "
-     "multiple of block_size (16); allowed: 16, 32, 48, ... (got 8)"),
-    (cont(preemption="swap", swap_space_tokens=40), "(got 40)"),
-    (cont(preemption="swap"), "runs[0].swap_space_tokens: preemption 'swap' needs CPU swap space"),
-    (cont(kv_cache_tokens=64, max_model_len=100), "runs[0].kv_cache_tokens: 64 cannot hold one request of 100 "
-                                                  "tokens (max_model_len); allowed: >= 112 (whole blocks of 16)"),
+    (cont(preemption="swap"), "runs[0].num_cpu_blocks: EngineConfig.num_cpu_blocks must be > 0 when preemption "
+                              "is 'swap'"),
+    (cont(num_blocks=4, max_model_len=100), "runs[0].num_blocks: 4 blocks of 16 tokens cannot hold one request of "
+                                            "100 tokens (max_model_len); allowed: >= 7"),
+    (cont(num_blocks=4), "runs[0].num_blocks: 4 blocks of 16 tokens cannot hold one request of 80 tokens (unset "
+                         "max_model_len: the workload's longest request, up to 70 tokens, in whole blocks)"),
     (cont(max_model_len=64), "runs[0].max_model_len: 64 is below the workload's longest request: up to 70 tokens"),
 ])
-def test_kv_and_swap_space_are_whole_blocks_that_hold_a_request(run, expected):
+def test_kv_cache_holds_a_request_and_swap_has_space(run, expected):
     rejects(config(run, workload=CAPPED), expected)
-    parse_config(config(cont(kv_cache_tokens=80, preemption="swap", swap_space_tokens=16), workload=CAPPED))
+    parse_config(config(cont(num_blocks=5, preemption="swap", num_cpu_blocks=1), workload=CAPPED))
 
 
 # 6 ------------------------------------------------------------------------------------------------
@@ -198,12 +193,13 @@ def test_engine_settings_given_one_by_one_follow_the_engine_rules():
 @pytest.mark.parametrize("data, expected", [
     (config(cont(policy="continuous", reservation="max")),
      "runs[0].reservation: applies only under policy 'request_level'; this run ignores it: remove it (got 'max')"),
-    (config(cont(swap_space_tokens=64)), "runs[0].swap_space_tokens: applies only with preemption 'swap'"),
-    (config(cont(policy="request_level", preemption="swap", swap_space_tokens=64)),
+    (config(cont(num_cpu_blocks=4)), "runs[0].num_cpu_blocks: applies only with preemption 'swap'"),
+    (config(cont(policy="request_level", preemption="swap", num_cpu_blocks=4)),
      "runs[0].preemption: applies only under policies 'continuous' and 'chunked_prefill' (policy "
      "'request_level' reserves each request's KV up front and never preempts)"),
     (config(cont(policy="static", enable_prefix_caching=True)),
-     "runs[0].enable_prefix_caching: applies only under policies 'continuous' and 'chunked_prefill'"),
+     "runs[0].enable_prefix_caching: applies only on paged KV memory (policies 'continuous' and 'chunked_prefill', "
+     "or kv_memory 'paged'; policy 'static' does not share blocks)"),
     (config(mem("max", kv_budget_tokens=4096, block_size=32)), "runs[0].block_size: applies only to reservation "
                                                                "'paged'"),
     (config(mem("oracle", kv_budget_tokens=4096, watermark=0.1)), "runs[0].watermark: applies only to "
@@ -237,8 +233,8 @@ def test_keys_left_at_their_defaults_are_not_flagged():
 
 
 def test_every_problem_is_listed_at_once():
-    message = rejects(config(cont(kv_cache_tokens=8, reservation="pow2"), workload={**WORKLOAD, "seed": 0}),
-                      "runs[0].reservation:", "runs[0].kv_cache_tokens:")
+    message = rejects(config(cont(num_blocks=1, reservation="pow2"), workload=CAPPED),
+                      "runs[0].reservation:", "runs[0].num_blocks:")
     assert message.count("\n  ") == 2
 
 
@@ -272,7 +268,7 @@ def test_max_model_len_beyond_the_model():
         Engine(SimpleNamespace(config=tiny, tokenizer=None), EngineConfig(max_model_len=1024))
 
     assert read_model_config("tiny") is tiny and read_model_config("no/such/model") is None
-    data = config(cont(max_model_len=1024, kv_cache_tokens=2048), model="tiny")
+    data = config(cont(max_model_len=1024, num_blocks=128), model="tiny")
     with pytest.raises(ConfigError, match=r"invalid experiment config x.yaml for model 'tiny':\n  runs\[0\]"
                                           r".max_model_len: 1024 exceeds the model's max_position_embeddings "
                                           r"\(tiny: 512\); allowed: 1..512"):

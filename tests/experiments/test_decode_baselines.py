@@ -48,7 +48,7 @@ def test_missing_llama_cpp_skips_its_run_and_its_claim(tmp_path, monkeypatch, ca
         "experiment": "skip", "model": "tiny", "workload": {"kind": "fixed", "num_requests": 2,
                                                             "max_prompt_len": 4, "max_output_len": 3},
         "runs": [{"name": "llama-cpp", "engine": "llama-cpp"},
-                 {"name": "ours", "engine": "continuous", "kv_cache_tokens": 128}],
+                 {"name": "ours", "engine": "continuous", "num_blocks": 8}],
         "claims": [{"claim": "c", "source": "s", "paper": 0.8, "unit": "x", "run": "ours",
                     "metric": "decode_tokens_per_s", "ratio_to": "llama-cpp"}]})
     with pytest.raises(OptionalEngineMissing, match="pip install"):

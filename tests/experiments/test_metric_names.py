@@ -18,8 +18,7 @@ from experiments.metric_names import METRICS, NOT_NUMBERS, TOKEN_AGREEMENT
 ENGINE_RUNS = {
     "static": {"batch_size": 2},
     "hf": {"batch_size": 2},
-    "paged": {"batch_size": 2},
-    "continuous": {"kv_cache_tokens": 256},
+    "continuous": {"num_blocks": 16},
     "memory_sim": {"reservation": "paged", "kv_budget_tokens": 256, "max_len": 64},
     "sharing_sim": {"mode": "parallel_sampling", "width": 2},
     "attention_bench": {"backend": "contiguous", "batch_size": 2, "context_len": 16, "iterations": 2},
@@ -44,7 +43,7 @@ def test_every_engine_is_registered_and_run_here():
     assert set(NOT_NUMBERS) <= set(METRICS)
 
 
-@pytest.mark.parametrize("engines", [("static", "hf", "paged", "continuous"), ("memory_sim",), ("sharing_sim",),
+@pytest.mark.parametrize("engines", [("static", "hf", "continuous"), ("memory_sim",), ("sharing_sim",),
                                      ("attention_bench",)], ids=lambda engines: "+".join(engines))
 def test_each_engine_reports_exactly_its_registered_metrics(engines, tmp_path):
     from experiments.run import main

@@ -16,13 +16,12 @@ REQUESTS = [Request(i, tuple(range(3 + i, 3 + i + n)), out, 0.0)
             for i, (n, out) in enumerate([(3, 4), (20, 9), (2, 1), (33, 5), (7, 6)])]
 RUNS = {
     "static": {"engine": "static", "batch_size": 2},
-    "paged": {"engine": "paged", "batch_size": 2, "block_size": 4, "enable_prefix_caching": True},
-    "continuous": {"engine": "continuous", "policy": "continuous", "kv_cache_tokens": 256, "block_size": 4},
-    "chunked": {"engine": "continuous", "policy": "chunked_prefill", "kv_cache_tokens": 256, "block_size": 4,
+    "continuous": {"engine": "continuous", "policy": "continuous", "num_blocks": 64, "block_size": 4},
+    "chunked": {"engine": "continuous", "policy": "chunked_prefill", "num_blocks": 64, "block_size": 4,
                 "max_num_batched_tokens": 16},
-    # a combination no policy names: static batches on pages with prefix caching (what engine `paged` serves)
+    # a combination no policy names: static batches on pages with prefix caching
     "batch_on_pages": {"engine": "continuous", "admission": "batch", "kv_memory": "paged", "max_num_seqs": 2,
-                       "enable_prefix_caching": True, "kv_cache_tokens": 256, "block_size": 4},
+                       "enable_prefix_caching": True, "num_blocks": 64, "block_size": 4},
 }
 
 
@@ -91,9 +90,8 @@ def test_every_precompile_engine_has_precompile():
     from experiments.baselines.llama_cpp import LlamaCppEngine
     from experiments.continuous_engine import ContinuousServeEngine
     from experiments.static_engine import StaticEngine
-    from experiments.paged_engine import PagedStaticEngine
 
-    classes = {"static": StaticEngine, "hf": HFGenerateEngine, "paged": PagedStaticEngine,
+    classes = {"static": StaticEngine, "hf": HFGenerateEngine,
                "continuous": ContinuousServeEngine, "llama-cpp": LlamaCppEngine}
     assert sorted(classes) == sorted(PRECOMPILE_ENGINES)
     assert all(callable(getattr(cls, "precompile", None)) for cls in classes.values())

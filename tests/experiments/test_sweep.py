@@ -19,9 +19,9 @@ from experiments.workloads import Request
 
 SWEEP = {"experiment": "sweep", "model": "tiny", "request_rates": [30, 300],
          "workload": {"kind": "alpaca", "num_requests": 8, "max_prompt_len": 40, "max_output_len": 5},
-         "runs": [{"name": "continuous", "engine": "continuous", "policy": "continuous", "kv_cache_tokens": 512},
+         "runs": [{"name": "continuous", "engine": "continuous", "policy": "continuous", "num_blocks": 32},
                   {"name": "chunked", "engine": "continuous", "policy": "chunked_prefill",
-                   "max_num_batched_tokens": 32, "kv_cache_tokens": 512}]}
+                   "max_num_batched_tokens": 32, "num_blocks": 32}]}
 
 
 class RecordingEngine:
