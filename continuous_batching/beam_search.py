@@ -12,8 +12,10 @@ completed + live beams are ranked by `beam_score` and `best(n)` returns the top 
 KV reuse across rounds comes only from the engine's automatic prefix caching
 (`EngineConfig.enable_prefix_caching`): a round's sequence finds its prompt's full blocks, computed
 by the previous round, in the cache. Without it every round recomputes each beam's whole prefix:
-the same tokens, more compute. (The vLLM paper's in-engine beam search, forking block tables, is
-what `experiments/sharing.py` simulates for the memory numbers; this is the V1 design.)
+the same tokens, more compute. The vLLM paper's in-engine beam search, forking block tables, is
+what `experiments/sharing.py` measures memory with: it chooses its beams with this same
+`BeamSearchState` and runs all beams of a step as one batch on a cache whose rows follow their
+parents, where the engine runs a round of one-token sequences.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ generated tokens, i.e. counted after the step's slots are appended, before finis
                        different steps, as in the paper. Token ids do not change memory (prefix
                        caching is off), so no model runs.
     beam_search        real beam search with the workload's model: width k, the k best continuations
-                       by summed log-probs, `output_len` steps, no EOS. The model runs on the naive
-                       contiguous cache `[k, kv_heads, max_len, head_dim]` per layer, whose rows are
-                       reordered by each new beam's parent after every step. The block manager mirrors
+                       by summed log-probs, `output_len` steps, no EOS, chosen by the engine's own
+                       `BeamSearchState` (continuous_batching/beam_search.py). The model runs on the
+                       naive contiguous cache `[k, kv_heads, max_len, head_dim]` per layer, whose rows
+                       are reordered by each new beam's parent before every step. The block manager mirrors
                        it: each new beam forks its parent, the old generation is freed, then each new
                        beam appends its token. (vLLM reuses a parent as its last child; forking first
                        and freeing before appending is the same: a partly filled last block is copied
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from continuous_batching.beam_search import BeamSearchState
 from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token
 from experiments.workloads import Request
 from models.llama import forward
@@ -120,18 +122,16 @@ def beam_prefill(params, tokens, positions, kv_cache, last_index, *, config):
     return jax.nn.log_softmax(logits[0]), kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_cache",))
-def beam_step(params, tokens, positions, kv_cache, scores, *, config):
-    """Feed each beam's last token (i32[k] tokens/positions), keep the k best (beam, next token)
-    pairs by summed log-prob. Returns (i32[k] tokens, i32[k] parent beams, f32[k] scores, the cache
-    with its rows reordered by parent)."""
+@functools.partial(jax.jit, static_argnames=("config", "num_candidates"), donate_argnames=("kv_cache",))
+def beam_step(params, tokens, positions, parents, kv_cache, *, config, num_candidates):
+    """Give row b of the cache row parents[b]'s history, feed each beam's last token (i32[k] tokens,
+    positions, parents), and return each beam's `num_candidates` best next tokens: (f32[k, c]
+    log-probs, i32[k, c] tokens, the cache)."""
+    kv_cache = _reorder(kv_cache, parents)
     logits, kv_cache = forward(params, tokens[:, None], positions[:, None], kv_cache, config=config,
                                backend="contiguous")  # f32[k, 1, vocab]
-    total = scores[:, None] + jax.nn.log_softmax(logits[:, 0], axis=-1)  # f32[k, vocab]
-    new_scores, flat = jax.lax.top_k(total.reshape(-1), tokens.shape[0])
-    vocab = total.shape[1]
-    parents = (flat // vocab).astype(jnp.int32)
-    return (flat % vocab).astype(jnp.int32), parents, new_scores, _reorder(kv_cache, parents)
+    log_probs, next_tokens = jax.lax.top_k(jax.nn.log_softmax(logits[:, 0], axis=-1), num_candidates)
+    return log_probs, next_tokens.astype(jnp.int32), kv_cache
 
 
 def _reorder(kv_cache, parents):
@@ -139,13 +139,22 @@ def _reorder(kv_cache, parents):
     return [(jnp.take(k, parents, axis=0), jnp.take(v, parents, axis=0)) for k, v in kv_cache]
 
 
+def _candidates(log_probs, tokens) -> list[list[tuple[int, float]]]:
+    """Per beam, its (token, log-prob) candidates, best first, from f32/i32[beams, c] arrays."""
+    return [list(zip(t, lp)) for t, lp in zip(np.asarray(tokens).tolist(), np.asarray(log_probs).tolist())]
+
+
 def beam_search(model, request: Request, width: int, manager: BlockManager, counter: SharingCounter,
                 max_len: int) -> tuple[list[list[int]], list[float]]:
     """Beam search of `request.output_len` tokens, mirrored step by step in `manager` (which ends with
-    none of this request's blocks in use). Returns the final beams' tokens and their summed
-    log-probs, best first."""
+    none of this request's blocks in use). The beams are chosen by the engine's own beam search
+    (`continuous_batching.beam_search.BeamSearchState`, without stop tokens: every beam runs the
+    whole length, as in the paper's figure); here the model runs in-engine, one step for all beams
+    on a cache whose rows follow their parents, instead of one engine round per beam. Returns the
+    final beams' tokens and their summed log-probs, best first."""
     config, params = model.config, model.params
     prompt = list(request.prompt)
+    state = BeamSearchState(prompt, width, request.output_len)
     bucket = prompt_bucket(len(prompt))
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :len(prompt)] = prompt
@@ -154,32 +163,33 @@ def beam_search(model, request: Request, width: int, manager: BlockManager, coun
                           params["embed"].dtype)
     log_probs, cache = beam_prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache,
                                     jnp.asarray([len(prompt) - 1]), config=config)
-    scores, beam_tokens = jax.lax.top_k(log_probs, width)  # the first beams: the prompt's k best tokens
-    beam_tokens = beam_tokens.astype(jnp.int32)
-    parents = jnp.zeros(width, jnp.int32)
-    cache = _reorder(cache, parents)  # every beam starts from the prompt: [width, kv_heads, max_len, hd]
+    candidates = _candidates(*jax.lax.top_k(log_probs[None], 2 * width))  # the empty beam's
+    cache = _reorder(cache, jnp.zeros(width, jnp.int32))  # k rows of the prompt: [width, kv_heads, max_len, hd]
     ids = itertools.count()
-    beams, histories = [next(ids)], [[]]
-    manager.allocate(beams[0], prompt)
+    seq_ids = {(): next(ids)}  # beam tokens -> its sequence in the block manager
+    manager.allocate(seq_ids[()], prompt)
     for step in range(request.output_len):
-        if step > 0:  # feed the previous step's tokens, at position len(prompt) + step - 1
-            positions = jnp.full(width, len(prompt) + step - 1, jnp.int32)
-            beam_tokens, parents, scores, cache = beam_step(params, beam_tokens, positions, cache, scores,
-                                                            config=config)
-        new_tokens, new_parents = np.asarray(beam_tokens).tolist(), np.asarray(parents).tolist()
-        children = [next(ids) for _ in new_parents]
-        for child, parent in zip(children, new_parents):
-            manager.fork(beams[parent], child)
-        for seq in beams:
+        row_of = {beam.tokens: row for row, beam in enumerate(state.beams)}
+        state.advance(candidates)
+        parents = [row_of[beam.tokens[:-1]] for beam in state.beams]
+        children = {beam.tokens: next(ids) for beam in state.beams}
+        for beam in state.beams:
+            manager.fork(seq_ids[beam.tokens[:-1]], children[beam.tokens])
+        for seq in seq_ids.values():
             manager.free(seq)
-        histories = [histories[p] + [t] for p, t in zip(new_parents, new_tokens)]
-        for child, history in zip(children, histories):
-            counter.append(manager, child, prompt + history)
-        beams = children
-        counter.record(manager, beams)
-    for seq in beams:
+        seq_ids = children
+        for beam in state.beams:
+            counter.append(manager, seq_ids[beam.tokens], prompt + list(beam.tokens))
+        counter.record(manager, list(seq_ids.values()))
+        if step + 1 < request.output_len:  # feed this step's tokens, at position len(prompt) + step
+            last = jnp.asarray([beam.tokens[-1] for beam in state.beams], jnp.int32)
+            log_probs, next_tokens, cache = beam_step(
+                params, last, jnp.full(width, len(prompt) + step, jnp.int32), jnp.asarray(parents, jnp.int32),
+                cache, config=config, num_candidates=2 * width)
+            candidates = _candidates(log_probs, next_tokens)
+    for seq in seq_ids.values():
         manager.free(seq)
-    return histories, np.asarray(scores).tolist()
+    return [list(beam.tokens) for beam in state.beams], [beam.cum_logprob for beam in state.beams]
 
 
 # ----- the harness engine ----------------------------------------------------------------------------
