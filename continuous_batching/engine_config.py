@@ -31,7 +31,7 @@ from continuous_batching.scheduler import PREEMPTION_MODES
 from paged_attention.backend_names import PAGED_BACKENDS
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNEL_SETS = ("xla",)  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
+KERNEL_SETS = ("xla", "pallas")  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
 ADMISSIONS = ("batch", "iteration")
 KV_MEMORIES = ("reserved", "paged")
 

@@ -94,7 +94,7 @@ class PagedModelRunner:
         self.max_num_seqs, self.max_blocks, self.num_cpu_blocks = max_num_seqs, max_blocks_per_seq, num_cpu_blocks
         replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.input_sharding = replicated
-        self.params = jax.device_put(model.params, param_sharding or replicated)
+        self.params = jax.device_put(self.ops.prepare_params(model.params), param_sharding or replicated)
         cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                     config.head_dim, model.dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
         if mesh is not None or kv_sharding is not None:

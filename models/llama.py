@@ -17,6 +17,8 @@ Params pytree (matmul weights stored `[in, out]`, so a projection is `x @ w`):
                  "w_down": [inter, hidden]}, ... one dict per layer],
      "final_norm": [hidden],
      "lm_head": [hidden, vocab]}            # absent when config.tie_word_embeddings
+A layer may instead hold `wqkv` [hidden, (heads + 2 kv_heads) * head_dim] and `w_gate_up`
+[hidden, 2 inter] (`kernel_fusion.fuse_params`); the ops read either layout.
 Layers are a Python list and the forward loops over them unrolled: each layer's cache buffer is then
 updated in place under `donate_argnums` (a `lax.scan` carrying the caches copies them every step).
 """

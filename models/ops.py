@@ -16,7 +16,10 @@ and `embed` dequantize) or a new attention path enters without editing the model
 `linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
 argument of the jitted step, and two sets with the same class and name compile to the same program.
 
-    xla   plain jnp; XLA fuses what it can (the model's ops before the seam existed)
+    xla     plain jnp; XLA fuses what it can (the model's ops before the seam existed)
+    pallas  the fused kernels of `kernel_fusion/`: residual add + RMSNorm in one kernel, gate and up
+            as one matmul with SiLU-multiply fused (the down projection stays `linear`); QKV as one
+            matmul over the fused `wqkv` weight, then RoPE
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kernel_fusion.fuse_params import fuse_params, pad_intermediate
+from kernel_fusion.rms_norm import fused_add_rms_norm
+from kernel_fusion.swiglu import fused_swiglu
 from models.attention import attend
 from quantization.quantized_tensor import QuantizedTensor
 
@@ -64,6 +70,11 @@ class Ops:
 
     name: str = "xla"
 
+    def prepare_params(self, params: dict) -> dict:
+        """The params layout this set runs on, made once when a runner takes the model (a set
+        whose kernels read fused weights fuses them here); the `xla` set runs on either layout."""
+        return params
+
     def embed(self, table, tokens: jax.Array) -> jax.Array:
         """Rows of the embedding table [vocab, hidden] (array or QuantizedTensor): [*tokens.shape, hidden]."""
         if isinstance(table, QuantizedTensor):
@@ -84,16 +95,25 @@ class Ops:
     def qkv_rope(self, x: jax.Array, layer: dict, cos: jax.Array, sin: jax.Array, *, config):
         """Project x [*lead, hidden] to q [*lead, heads, head_dim] and k, v [*lead, kv_heads, head_dim],
         with RoPE applied to q and k."""
-        lead = x.shape[:-1]
-        q = self.linear(x, layer["wq"]).reshape(*lead, config.num_heads, config.head_dim)
-        k = self.linear(x, layer["wk"]).reshape(*lead, config.num_kv_heads, config.head_dim)
-        v = self.linear(x, layer["wv"]).reshape(*lead, config.num_kv_heads, config.head_dim)
+        lead, q_cols = x.shape[:-1], config.num_heads * config.head_dim
+        if "wqkv" in layer:  # fused layout (kernel_fusion.fuse_params): one matmul, then split
+            q, k, v = jnp.split(self.linear(x, layer["wqkv"]), [q_cols, q_cols + config.num_kv_heads * config.head_dim],
+                                axis=-1)
+        else:
+            q, k, v = (self.linear(x, layer[name]) for name in ("wq", "wk", "wv"))
+        q = q.reshape(*lead, config.num_heads, config.head_dim)
+        k = k.reshape(*lead, config.num_kv_heads, config.head_dim)
+        v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def swiglu_mlp(self, x: jax.Array, layer: dict) -> jax.Array:
-        """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-        gate = jax.nn.silu(self.linear(x, layer["w_gate"]))
-        return self.linear(gate * self.linear(x, layer["w_up"]), layer["w_down"])
+        """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate and up as one matmul when the
+        layer holds them fused (`w_gate_up`, gate columns first)."""
+        if "w_gate_up" in layer:
+            gate, up = jnp.split(self.linear(x, layer["w_gate_up"]), 2, axis=-1)
+        else:
+            gate, up = self.linear(x, layer["w_gate"]), self.linear(x, layer["w_up"])
+        return self.linear(jax.nn.silu(gate) * up, layer["w_down"])
 
     def attention(self, q, k, v, layer_cache, positions, metadata, *, backend: str):
         """One layer's attention through the named KV-cache backend (`models.attention`)."""
@@ -106,7 +126,37 @@ class Ops:
         return jnp.matmul(x, head.T if transposed else head, preferred_element_type=jnp.float32)
 
 
-OPS_SETS: dict[str, Ops] = {"xla": Ops()}
+@dataclasses.dataclass(frozen=True)
+class PallasOps(Ops):
+    """The `pallas` set: the fused kernels of `kernel_fusion/` where they exist (see the module
+    docstring). It runs on fused params: `prepare_params` applies `kernel_fusion.fuse_params` and pads
+    the intermediate size to the kernel's tile with zero units (which add nothing), once, when a
+    runner takes the model. Kernels are written for GPU; off a GPU they run interpreted (`interpret`
+    None: decided by jax's default backend at trace time), which checks them, not their speed."""
+
+    name: str = "pallas"
+    interpret: bool | None = None  # None: interpret unless jax's default backend is a GPU
+
+    def _interpret(self) -> bool:
+        return jax.default_backend() != "gpu" if self.interpret is None else self.interpret
+
+    def prepare_params(self, params: dict) -> dict:
+        """Fused weights, the intermediate size padded to a multiple of 16 (Triton's dot tiles)."""
+        fused = params if "w_gate_up" in params["layers"][0] else fuse_params(params)
+        return pad_intermediate(fused, 16)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return fused_add_rms_norm(x, residual, weight, eps=eps, interpret=self._interpret())
+
+    def swiglu_mlp(self, x, layer):
+        if "w_gate_up" not in layer:
+            raise ValueError("the pallas ops set runs on fused params (w_gate_up): pass "
+                             "kernel_fusion.fuse_params(params), or let a runner prepare them")
+        act = fused_swiglu(x, dense(layer["w_gate_up"], x.dtype), interpret=self._interpret())
+        return self.linear(act, layer["w_down"])
+
+
+OPS_SETS: dict[str, Ops] = {"xla": Ops(), "pallas": PallasOps()}
 
 
 def get_ops(kernels: "str | Ops") -> Ops:
