@@ -42,3 +42,13 @@ def test_swiglu_matches_tokamax_gated_linear_unit(rows, hidden, inter):
     scale = float(jnp.abs(expected).max())
     for got in (fused_swiglu(x, w_gate_up, interpret=True), fused_swiglu_reference(x, w_gate_up)):
         np.testing.assert_allclose(got, expected, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+def test_flash_attention_matches_tokamax_dot_product_attention(heads, kv_heads):
+    from kernel_fusion.flash_attention import flash_attention, flash_attention_reference
+
+    q, k, v = _normal(0, (2, 37, heads, 64)), _normal(1, (2, 37, kv_heads, 64)), _normal(2, (2, 37, kv_heads, 64))
+    expected = tokamax.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    for got in (flash_attention(q, k, v, interpret=True), flash_attention_reference(q, k, v)):
+        np.testing.assert_allclose(got, expected, atol=2e-6, rtol=2e-6)
