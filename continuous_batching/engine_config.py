@@ -11,7 +11,8 @@ Each technique is a setting of its own, and the four named policies are presets 
     reservation      reserved iteration-level memory: max | pow2 | oracle (Orca's rules, `reservation.py`)
     preemption       recompute | swap (paged; swap needs num_cpu_blocks > 0)
     backend          the attention path: paged_cpu (XLA on CPU) | paged (Pallas) | paged_reference (jnp)
-    kernels          the model's ops set: xla (`models/ops.py`), or an Ops instance
+    kernels          the model's ops set (`models/ops.py`): unfused (one program per op) | xla (one
+                     program per step) | pallas (fused kernels), or an Ops instance
     kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16
     mesh             None, or a jax.sharding.Mesh to run on (params, cache and inputs replicated)
 
@@ -31,7 +32,7 @@ from continuous_batching.scheduler import PREEMPTION_MODES
 from paged_attention.backend_names import PAGED_BACKENDS
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNEL_SETS = ("xla", "pallas")  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
+KERNEL_SETS = ("unfused", "xla", "pallas")  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
 ADMISSIONS = ("batch", "iteration")
 KV_MEMORIES = ("reserved", "paged")
 

@@ -58,16 +58,21 @@ class StepResult:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # (sampled lp, top-20) per sequence
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend", "ops", "flags"), donate_argnames=("kv_cache",))
-def _model_step(params, kv_cache, inputs, *, config, backend, ops, flags):
+def _step(params, kv_cache, inputs, *, config, backend, ops, flags, sample=sample_tokens):
     """One model step on pages, then sampling; returns (i32[num_seqs] tokens, logprobs, kv_cache).
     inputs: (tokens i32[num_tokens], positions i32[num_tokens], metadata, logits_indices i32[num_seqs],
     sampler inputs), moved to the device together."""
     tokens, positions, metadata, logits_indices, sampler_inputs = inputs
     logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config, backend=backend,
                                ops=ops, logits_indices=logits_indices)
-    next_tokens, logprobs = sample_tokens(logits, sampler_inputs, flags)
+    next_tokens, logprobs = sample(logits, sampler_inputs, flags)
     return next_tokens, logprobs, kv_cache
+
+
+# The step compiled as one program (every ops set but those with `jit_step` False, which run
+# `_step` as Python calling one compiled program per op, with sampling as one more).
+_model_step = jax.jit(_step, static_argnames=("config", "backend", "ops", "flags"), donate_argnames=("kv_cache",))
+_sample_alone = jax.jit(sample_tokens, static_argnames=("flags",))
 
 
 def num_compilations() -> int:
@@ -197,7 +202,8 @@ class PagedModelRunner:
         self.shapes.add(prepared.shape, prepared.flags)
         self.shapes_run.add(dataclasses.astuple(prepared.shape))
         inputs = jax.device_put(prepared.inputs, self.input_sharding)
-        next_tokens, logprobs, self.kv_cache = _model_step(
+        step = _model_step if self.ops.jit_step else functools.partial(_step, sample=_sample_alone)
+        next_tokens, logprobs, self.kv_cache = step(
             self.params, self.kv_cache, inputs, config=self.model.config, backend=self.backend, ops=self.ops,
             flags=prepared.flags)
         return np.asarray(next_tokens), logprobs

@@ -16,6 +16,7 @@ and `embed` dequantize) or a new attention path enters without editing the model
 `linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
 argument of the jitted step, and two sets with the same class and name compile to the same program.
 
+    unfused each op its own compiled program, the step not compiled around them (the eager baseline)
     xla     plain jnp; XLA fuses what it can (the model's ops before the seam existed)
     pallas  the fused kernels of `kernel_fusion/`: residual add + RMSNorm in one kernel, gate and up
             as one matmul with SiLU-multiply fused (the down projection stays `linear`); QKV as one
@@ -25,6 +26,7 @@ argument of the jitted step, and two sets with the same class and name compile t
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,7 @@ class Ops:
     """The `xla` ops set, and the base class of every other (override the ops you replace)."""
 
     name: str = "xla"
+    jit_step: ClassVar[bool] = True  # a runner compiles its whole step as one program around these ops
 
     def prepare_params(self, params: dict) -> dict:
         """The params layout this set runs on, made once when a runner takes the model (a set
@@ -156,7 +159,57 @@ class PallasOps(Ops):
         return self.linear(act, layer["w_down"])
 
 
-OPS_SETS: dict[str, Ops] = {"xla": Ops(), "pallas": PallasOps()}
+_XLA = Ops()
+_embed, _linear, _rope = jax.jit(_XLA.embed), jax.jit(_XLA.linear), jax.jit(apply_rope)
+_rms_norm = jax.jit(_XLA.rms_norm, static_argnames=("eps",))
+_logits = jax.jit(_XLA.logits, static_argnames=("transposed",))
+_silu_mul = jax.jit(lambda gate, up: jax.nn.silu(gate) * up)
+_attention = jax.jit(_XLA.attention, static_argnames=("backend",), donate_argnums=(3,))  # the layer's cache
+
+
+@dataclasses.dataclass(frozen=True)
+class UnfusedOps(Ops):
+    """The `unfused` set, the "PyTorch eager" baseline FasterTransformer compares against: each op
+    (an embedding, one projection, a norm, RoPE, SiLU-multiply, a layer's attention, the LM head) is
+    its own compiled program, called one after another from Python, and a runner does not compile a
+    step around them (`jit_step` False). XLA fuses within an op, never across ops: every op's output
+    makes a round trip to memory and every op pays a dispatch."""
+
+    name: str = "unfused"
+    jit_step: ClassVar[bool] = False
+
+    def embed(self, table, tokens):
+        return _embed(table, tokens)
+
+    def linear(self, x, weight):
+        return _linear(x, weight)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return _rms_norm(x, weight, eps, residual)
+
+    def qkv_rope(self, x, layer, cos, sin, *, config):
+        lead, (heads, kv_heads, dim) = x.shape[:-1], (config.num_heads, config.num_kv_heads, config.head_dim)
+        q, k, v = (self.linear(x, layer[name]) for name in ("wq", "wk", "wv"))  # three programs
+        q, k = q.reshape(*lead, heads, dim), k.reshape(*lead, kv_heads, dim)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v.reshape(*lead, kv_heads, dim)
+
+    def swiglu_mlp(self, x, layer):
+        act = _silu_mul(self.linear(x, layer["w_gate"]), self.linear(x, layer["w_up"]))
+        return self.linear(act, layer["w_down"])
+
+    def attention(self, q, k, v, layer_cache, positions, metadata, *, backend):
+        return _attention(q, k, v, layer_cache, positions, metadata, backend=backend)
+
+    def logits(self, x, head, *, transposed=False):
+        return _logits(x, head, transposed=transposed)
+
+    def prepare_params(self, params):
+        if "wqkv" in params["layers"][0]:
+            raise ValueError("the unfused ops set runs on the model's separate projections, not fused params")
+        return params
+
+
+OPS_SETS: dict[str, Ops] = {"unfused": UnfusedOps(), "xla": _XLA, "pallas": PallasOps()}
 
 
 def get_ops(kernels: "str | Ops") -> Ops:
