@@ -12,8 +12,8 @@
 `models/llama.py` calls only these, so a fused kernel (a subclass overriding `rms_norm` or
 `swiglu_mlp`), a quantized weight (a `quantization.QuantizedTensor` leaf in params, which `linear`
 and `embed` dequantize) or a new attention path enters without editing the model. The composite ops
-(`qkv_rope`, `swiglu_mlp`) are written in terms of `self.linear`, so an ops set that only replaces
-`linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
+(`qkv_rope`, `swiglu_mlp`) are written in terms of `self.linear`, `self.rope` and `self.silu_mul`,
+so an ops set that only replaces `linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
 argument of the jitted step, and two sets with the same class and name compile to the same program.
 
     unfused each op its own compiled program, the step not compiled around them (the eager baseline)
@@ -107,7 +107,11 @@ class Ops:
         q = q.reshape(*lead, config.num_heads, config.head_dim)
         k = k.reshape(*lead, config.num_kv_heads, config.head_dim)
         v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
+
+    def rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """RoPE on x [..., heads, head_dim] (`apply_rope`); `qkv_rope` calls it for q and k."""
+        return apply_rope(x, cos, sin)
 
     def swiglu_mlp(self, x: jax.Array, layer: dict) -> jax.Array:
         """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate and up as one matmul when the
@@ -116,7 +120,11 @@ class Ops:
             gate, up = jnp.split(self.linear(x, layer["w_gate_up"]), 2, axis=-1)
         else:
             gate, up = self.linear(x, layer["w_gate"]), self.linear(x, layer["w_up"])
-        return self.linear(jax.nn.silu(gate) * up, layer["w_down"])
+        return self.linear(self.silu_mul(gate, up), layer["w_down"])
+
+    def silu_mul(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        """silu(gate) * up, the SwiGLU activation `swiglu_mlp` calls between its matmuls."""
+        return jax.nn.silu(gate) * up
 
     def attention(self, q, k, v, layer_cache, positions, metadata, *, backend: str):
         """One layer's attention through the named KV-cache backend (`models.attention`)."""
@@ -187,15 +195,11 @@ class UnfusedOps(Ops):
     def rms_norm(self, x, weight, eps, residual=None):
         return _rms_norm(x, weight, eps, residual)
 
-    def qkv_rope(self, x, layer, cos, sin, *, config):
-        lead, (heads, kv_heads, dim) = x.shape[:-1], (config.num_heads, config.num_kv_heads, config.head_dim)
-        q, k, v = (self.linear(x, layer[name]) for name in ("wq", "wk", "wv"))  # three programs
-        q, k = q.reshape(*lead, heads, dim), k.reshape(*lead, kv_heads, dim)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v.reshape(*lead, kv_heads, dim)
+    def rope(self, x, cos, sin):
+        return _rope(x, cos, sin)
 
-    def swiglu_mlp(self, x, layer):
-        act = _silu_mul(self.linear(x, layer["w_gate"]), self.linear(x, layer["w_up"]))
-        return self.linear(act, layer["w_down"])
+    def silu_mul(self, gate, up):
+        return _silu_mul(gate, up)
 
     def attention(self, q, k, v, layer_cache, positions, metadata, *, backend):
         return _attention(q, k, v, layer_cache, positions, metadata, backend=backend)
