@@ -98,18 +98,23 @@ class PagedBackend:
     def __call__(self, q, k, v, layer_cache, positions, metadata: PagedMetadata):
         del positions  # positions live in the metadata (context lengths and query offsets)
         layer_cache = kv_cache.write_kv(layer_cache, k, v, metadata.slot_mapping)
+        return self.attend_cached(q, layer_cache, metadata), layer_cache
+
+    def attend_cached(self, q, layer_cache, metadata: PagedMetadata) -> jax.Array:
+        """Attention of q through the block tables over a cache that already holds this step's K/V
+        (written by `__call__`, or by a kernel that fuses the write, `kernel_fusion.qkv_rope`)."""
         k_cache, v_cache = layer_cache
         tables, lens = metadata.block_tables, metadata.context_lens
         if metadata.decode_only:
-            return self.decode(q, k_cache, v_cache, tables, lens, metadata), layer_cache
+            return self.decode(q, k_cache, v_cache, tables, lens, metadata)
         if metadata.num_prefill_seqs is None:
-            return self.prefill(q, k_cache, v_cache, tables, lens, metadata), layer_cache
+            return self.prefill(q, k_cache, v_cache, tables, lens, metadata)
         num_p, seqs_p = metadata.num_prefill_tokens, metadata.num_prefill_seqs
         out = self.prefill(q[:num_p], k_cache, v_cache, tables[:seqs_p], lens[:seqs_p], metadata)
         if q.shape[0] > num_p:
             out_decode = self.decode(q[num_p:], k_cache, v_cache, tables[seqs_p:], lens[seqs_p:], metadata)
             out = jnp.concatenate([out, out_decode])
-        return out, layer_cache
+        return out
 
 
 BACKENDS: dict[str, ContiguousBackend | PagedBackend] = {b.name: b for b in (
@@ -134,8 +139,3 @@ def paged_backend(name: str) -> PagedBackend:
         raise ValueError(f"backend {name!r} has no paged KV cache; allowed: "
                          f"{sorted(n for n, b in BACKENDS.items() if isinstance(b, PagedBackend))}")
     return backend
-
-
-def attend(backend: str, q, k, v, layer_cache, positions, metadata):
-    """Dispatch one layer's attention to the named backend."""
-    return get_backend(backend)(q, k, v, layer_cache, positions, metadata)

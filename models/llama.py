@@ -45,8 +45,8 @@ def decoder_layer(layer: Params, hidden: jax.Array, residual: jax.Array | None, 
     fuse it (vLLM's fused add + RMSNorm). hidden, residual: [*lead, hidden_size]."""
     eps = config.rms_norm_eps
     h, residual = ops.rms_norm(hidden, layer["attn_norm"], eps, residual)
-    q, k, v = ops.qkv_rope(h, layer, cos, sin, config=config)
-    out, layer_cache = ops.attention(q, k, v, layer_cache, positions, metadata, backend=backend)
+    out, layer_cache = ops.self_attention(h, layer, cos, sin, layer_cache, positions, metadata, config=config,
+                                          backend=backend)
     h = ops.linear(out.reshape(*out.shape[:-2], config.num_heads * config.head_dim), layer["wo"])
     h, residual = ops.rms_norm(h, layer["mlp_norm"], eps, residual)
     return ops.swiglu_mlp(h, layer), residual, layer_cache

@@ -3,6 +3,8 @@
     ops = get_ops("xla")                                   # or an Ops instance (a subclass)
     x = ops.embed(params["embed"], tokens)                 # [*lead, hidden]
     h, residual = ops.rms_norm(x, weight, eps, residual)   # residual add fused into the norm
+    out, layer_cache = ops.self_attention(h, layer, cos, sin, layer_cache, positions, metadata,
+                                          config=config, backend=backend)   # = qkv_rope, then attention
     q, k, v = ops.qkv_rope(h, layer, cos, sin, config=config)
     out, layer_cache = ops.attention(q, k, v, layer_cache, positions, metadata, backend=backend)
     y = ops.linear(h, w)                                   # w: an array or a QuantizedTensor
@@ -12,15 +14,17 @@
 `models/llama.py` calls only these, so a fused kernel (a subclass overriding `rms_norm` or
 `swiglu_mlp`), a quantized weight (a `quantization.QuantizedTensor` leaf in params, which `linear`
 and `embed` dequantize) or a new attention path enters without editing the model. The composite ops
-(`qkv_rope`, `swiglu_mlp`) are written in terms of `self.linear`, `self.rope` and `self.silu_mul`,
-so an ops set that only replaces `linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
+(`self_attention`, `qkv_rope`, `swiglu_mlp`) are written in terms of `self.qkv_rope`,
+`self.attention`, `self.linear`, `self.rope` and `self.silu_mul`, so an ops set that only replaces
+`linear` changes every projection. An ops set is a frozen dataclass: hashable, so it is a static
 argument of the jitted step, and two sets with the same class and name compile to the same program.
 
     unfused each op its own compiled program, the step not compiled around them (the eager baseline)
     xla     plain jnp; XLA fuses what it can (the model's ops before the seam existed)
     pallas  the fused kernels of `kernel_fusion/`: residual add + RMSNorm in one kernel, gate and up
-            as one matmul with SiLU-multiply fused (the down projection stays `linear`); QKV as one
-            matmul over the fused `wqkv` weight, then RoPE
+            as one matmul with SiLU-multiply fused (the down projection stays `linear`); on a paged
+            cache, QKV projection + RoPE + the K/V write into the cache slots as one kernel, then the
+            backend's attention over the written cache (elsewhere: one matmul over `wqkv`, then RoPE)
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from kernel_fusion.fuse_params import fuse_params, pad_intermediate
+from kernel_fusion.qkv_rope import fused_qkv_rope
 from kernel_fusion.rms_norm import fused_add_rms_norm
 from kernel_fusion.swiglu import fused_swiglu
-from models.attention import attend
+from models.attention import PagedBackend, get_backend
 from quantization.quantized_tensor import QuantizedTensor
 
 
@@ -126,9 +131,16 @@ class Ops:
         """silu(gate) * up, the SwiGLU activation `swiglu_mlp` calls between its matmuls."""
         return jax.nn.silu(gate) * up
 
+    def self_attention(self, x, layer: dict, cos, sin, layer_cache, positions, metadata, *, config,
+                       backend: str):
+        """A layer's attention up to (not including) its output projection: `qkv_rope`, then
+        `attention`. Returns (out [*lead, heads, head_dim], layer_cache)."""
+        q, k, v = self.qkv_rope(x, layer, cos, sin, config=config)
+        return self.attention(q, k, v, layer_cache, positions, metadata, backend=backend)
+
     def attention(self, q, k, v, layer_cache, positions, metadata, *, backend: str):
         """One layer's attention through the named KV-cache backend (`models.attention`)."""
-        return attend(backend, q, k, v, layer_cache, positions, metadata)
+        return get_backend(backend)(q, k, v, layer_cache, positions, metadata)
 
     def logits(self, x: jax.Array, head, *, transposed: bool = False) -> jax.Array:
         """f32 logits x [..., hidden] @ head [hidden, vocab] (or head.T when `transposed`: a tied
@@ -159,11 +171,27 @@ class PallasOps(Ops):
     def rms_norm(self, x, weight, eps, residual=None):
         return fused_add_rms_norm(x, residual, weight, eps=eps, interpret=self._interpret())
 
-    def swiglu_mlp(self, x, layer):
-        if "w_gate_up" not in layer:
-            raise ValueError("the pallas ops set runs on fused params (w_gate_up): pass "
+    def self_attention(self, x, layer, cos, sin, layer_cache, positions, metadata, *, config, backend):
+        """On a paged cache (flat tokens): the fused QKV + RoPE + cache-write kernel, then the
+        backend's attention over the cache it wrote; elsewhere the base composite."""
+        attention = get_backend(backend)
+        if not isinstance(attention, PagedBackend) or layer_cache is None:
+            return super().self_attention(x, layer, cos, sin, layer_cache, positions, metadata, config=config,
+                                          backend=backend)
+        q, k_cache, v_cache = fused_qkv_rope(x, dense(self._fused(layer, "wqkv"), x.dtype), cos, sin, *layer_cache,
+                                             metadata.slot_mapping, num_heads=config.num_heads,
+                                             num_kv_heads=config.num_kv_heads, interpret=self._interpret())
+        return attention.attend_cached(q, (k_cache, v_cache), metadata), (k_cache, v_cache)
+
+    @staticmethod
+    def _fused(layer: dict, name: str):
+        if name not in layer:
+            raise ValueError(f"the pallas ops set runs on fused params ({name}): pass "
                              "kernel_fusion.fuse_params(params), or let a runner prepare them")
-        act = fused_swiglu(x, dense(layer["w_gate_up"], x.dtype), interpret=self._interpret())
+        return layer[name]
+
+    def swiglu_mlp(self, x, layer):
+        act = fused_swiglu(x, dense(self._fused(layer, "w_gate_up"), x.dtype), interpret=self._interpret())
         return self.linear(act, layer["w_down"])
 
 
