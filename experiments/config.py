@@ -115,6 +115,23 @@ def _engine_default(field: str):
     return EngineConfig.__dataclass_fields__[field].default
 
 
+class FusionBenchRunConfig(Strict):
+    """Kernel fusion: one decoder layer and each op in it under one ops set, at a decode batch or a
+    prefill chunk (experiments/fusion_bench.py)."""
+
+    name: str
+    engine: Literal["fusion_bench"]
+    kernels: Literal[KERNEL_SETS]
+    phase: Literal["decode", "prefill"]
+    batch_size: int = Field(default=1, gt=0)  # decode: sequences in the step
+    context_len: int = Field(default=256, gt=0)  # decode: each sequence's context, this token included
+    prompt_len: int = Field(default=512, gt=0)  # prefill: one sequence's prompt, all in the step
+    fuse_weights: bool = False  # xla only: run on the fused wqkv / w_gate_up layout (pallas always does)
+    backend: Literal[PAGED_BACKENDS] = _engine_default("backend")
+    block_size: int = Field(default=16, gt=0)
+    iterations: int = Field(default=10, gt=0)
+
+
 class ContinuousRunConfig(Strict):
     """The continuous-batching engine (`continuous_batching.Engine`; experiments/continuous_engine.py).
 
@@ -170,7 +187,8 @@ class GemmRooflineRunConfig(Strict):
 
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig, SharingRunConfig,
-               AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig)
+               AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig,
+               FusionBenchRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

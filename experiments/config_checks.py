@@ -39,7 +39,7 @@ Problem = tuple[str, str]  # (YAML path, message)
 # Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
 REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
-                 ("memory_sim",), ("sharing_sim",), ("attention_bench",))
+                 ("memory_sim",), ("sharing_sim",), ("attention_bench",), ("fusion_bench",))
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
@@ -213,6 +213,21 @@ def _attention_bench(run, workload) -> Iterator[tuple[str, str]]:
     yield from _pallas_block_size(run)
 
 
+def _fusion_bench(run, workload) -> Iterator[tuple[str, str]]:
+    decode = run.phase == "decode"
+    yield from _ignored(run, "batch_size", decode, "to phase 'decode'")
+    yield from _ignored(run, "context_len", decode, "to phase 'decode'")
+    yield from _ignored(run, "prompt_len", not decode, "to phase 'prefill'")
+    yield from _pallas_block_size(run)
+    if run.fuse_weights and run.kernels != "xla":
+        yield ("fuse_weights", f"applies to kernels 'xla' only (the pallas set always runs on fused weights, the "
+               f"unfused set never does), got kernels {run.kernels!r}; allowed: false")
+    longest, limit = (run.context_len if decode else run.prompt_len), 80 * run.block_size
+    if longest > limit:  # experiments/decode_step.py scattered_runner: 80 blocks a sequence
+        yield ("context_len" if decode else "prompt_len",
+               f"{longest} tokens exceed the benchmark's 80 blocks of {run.block_size}; allowed: <= {limit}")
+
+
 def _sharing(run, workload) -> Iterator[tuple[str, str]]:
     yield from _ignored(run, "max_requests", run.mode == "beam_search", "to mode 'beam_search'")
     yield from _ignored(run, "seed", run.mode == "parallel_sampling", "to mode 'parallel_sampling'")
@@ -275,4 +290,4 @@ def _none(run, workload) -> Iterator[tuple[str, str]]:
 
 _RUN_CHECKS = {"continuous": _continuous, "attention_bench": _attention_bench,
                "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
-               "llama-cpp": _none, "gemm_roofline": _none}
+               "llama-cpp": _none, "gemm_roofline": _none, "fusion_bench": _fusion_bench}

@@ -34,6 +34,7 @@ ENGINES = {
     "llama-cpp-parallel": "experiments.baselines.llama_cpp_parallel:LlamaCppParallelEngine",
     "gemm_roofline": "experiments.roofline:GemmRooflineEngine",
     "attention_bench": "experiments.attention_bench:AttentionBenchEngine",
+    "fusion_bench": "experiments.fusion_bench:FusionBenchEngine",
     "memory_sim": "experiments.memory_sim:MemorySimEngine",
     "sharing_sim": "experiments.sharing:SharingSimEngine",
 }

@@ -27,6 +27,9 @@ SIMULATION = ("kv_utilization", "kv_bytes_allocated_peak", "kv_bytes_used_peak",
 # `summarize_simulation` without records: micro-benchmarks that serve no requests
 MICRO_BENCHMARK = ("kv_bytes_allocated_peak",)
 
+# experiments/fusion_bench.py `OPS`: the ops of a decoder layer it times, then the whole layer
+FUSION_OPS = ("add_rms_norm", "qkv_rope", "attention", "self_attention", "o_proj", "swiglu_mlp", "layer")
+
 # experiments/run.py `token_agreement`: runs whose engine records its tokens, when two or more did
 TOKEN_AGREEMENT = ("same_tokens_fraction",)
 RECORDS_TOKENS = ("static", "hf", "continuous", "llama-cpp")
@@ -48,6 +51,12 @@ _ENGINES = {
                                  "generated_tokens", "sim_seconds")),  # experiments/sharing.py
     "attention_bench": (MICRO_BENCHMARK, ("attention_us_per_call", "kv_gb_per_s",
                                           "device")),  # experiments/attention_bench.py
+    "fusion_bench": (MICRO_BENCHMARK, ("device", "num_tokens", "step_ms", "programs_per_layer",
+                                       "pallas_kernels_per_layer", "xla_fusions_per_layer", "layer_max_abs_diff",
+                                       *(f"{op}_us" for op in FUSION_OPS),
+                                       *(f"{op}_{kind}" for op in FUSION_OPS[:-1]
+                                         for kind in ("bytes", "bytes_unfused", "gb_per_s")))),
+    # experiments/fusion_bench.py
     "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",
                                         "flops_per_token")),  # experiments/roofline.py
 }
@@ -62,6 +71,7 @@ METRICS: dict[str, frozenset[str]] = {
 NOT_NUMBERS: dict[str, frozenset[str]] = {
     "hf": frozenset({"attn_implementation"}),
     "attention_bench": frozenset({"device"}),
+    "fusion_bench": frozenset({"device"}),
 }
 
 # Engines a rate sweep (`request_rates`) can run: those that replay arrivals in real time and report

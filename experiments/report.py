@@ -64,6 +64,8 @@ def plot_runs(path: Path, result: dict) -> Path:
         return plot_kernel(path, result)
     if kind == "decode":
         return plot_decode(path, result)
+    if kind == "fusion":
+        return plot_fusion(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -130,6 +132,28 @@ def plot_kernel(path: Path, result: dict) -> Path:
     ax.set_ylabel("us per call (median)")
     ax.tick_params(axis="x", rotation=30)
     ax.set_title(f"{result['experiment']}: one layer's decode attention")
+    return save_figure(fig, path)
+
+
+def plot_fusion(path: Path, result: dict) -> Path:
+    """Where one decoder layer's time goes under each ops set: its ops stacked (two add + RMSNorms a
+    layer), the whole layer as a dot; runs with no times (Pallas interpreted) are left empty."""
+    runs = result["runs"]
+    parts = [("add_rms_norm_us", 2, "2 x add + RMSNorm"), ("self_attention_us", 1, "QKV + RoPE + attention"),
+             ("o_proj_us", 1, "o_proj"), ("swiglu_mlp_us", 1, "SwiGLU MLP")]
+    fig, ax = plt.subplots(figsize=(max(7, 1.0 * len(runs)), 4.5))
+    x, bottom = range(len(runs)), [0.0] * len(runs)
+    for key, times, label in parts:
+        heights = [times * (r["metrics"].get(key) or 0.0) for r in runs]
+        ax.bar(x, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    layer = [(i, r["metrics"]["layer_us"]) for i, r in enumerate(runs) if r["metrics"].get("layer_us") is not None]
+    ax.scatter([i for i, _ in layer], [t for _, t in layer], color="black", zorder=3, label="whole layer")
+    ax.set_yscale("log")
+    ax.set_ylabel("us per layer (median)")
+    ax.set_xticks(list(x), [r["name"] for r in runs], rotation=30, ha="right")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['experiment']} - {result['model']}: one decoder layer, by op")
     return save_figure(fig, path)
 
 

@@ -66,6 +66,24 @@ DECODE_COLUMNS = [
     ("gemm_gflops_torch", "GEMM GFLOP/s (torch)", "{:.0f}"),
     ("num_compilations", "compiles", "{:d}"),
 ]
+# kernel fusion: one decoder layer and its ops under one ops set (times in µs; None off a GPU for pallas)
+FUSION_COLUMNS = [
+    ("config.kernels", "kernels", "{}"),
+    ("config.phase", "phase", "{}"),
+    ("num_tokens", "tokens", "{:d}"),
+    ("add_rms_norm_us", "add+norm us", "{:.0f}"),
+    ("qkv_rope_us", "qkv+rope us", "{:.0f}"),
+    ("attention_us", "attention us", "{:.0f}"),
+    ("self_attention_us", "qkv..attention us", "{:.0f}"),
+    ("o_proj_us", "o_proj us", "{:.0f}"),
+    ("swiglu_mlp_us", "mlp us", "{:.0f}"),
+    ("layer_us", "layer us", "{:.0f}"),
+    ("step_ms", "step ms", "{:.1f}"),
+    ("programs_per_layer", "programs / layer", "{:d}"),
+    ("xla_fusions_per_layer", "XLA fusions / layer", "{:d}"),
+    ("pallas_kernels_per_layer", "Pallas kernels / layer", "{:d}"),
+    ("layer_max_abs_diff", "max abs diff vs xla", "{:.1e}"),
+]
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
 _SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
@@ -73,6 +91,7 @@ _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "simulation": (SIMULATION_COLUMNS, "output_tokens_per_iteration"),
            "sharing": (SHARING_COLUMNS, None),
            "kernel": (KERNEL_COLUMNS, "attention_us_per_call"),
+           "fusion": (FUSION_COLUMNS, None),
            "decode": (DECODE_COLUMNS, "decode_tokens_per_s")}
 
 
@@ -83,6 +102,8 @@ def _table_kind(runs: list[dict]) -> str:
         return "sharing"
     if all("attention_us_per_call" in run["metrics"] for run in runs):
         return "kernel"
+    if all("layer_us" in run["metrics"] for run in runs):
+        return "fusion"
     if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
         return "simulation"
     if any("gemm_gflops" in run["metrics"] for run in runs) or any(
