@@ -136,24 +136,29 @@ def plot_kernel(path: Path, result: dict) -> Path:
 
 
 def plot_fusion(path: Path, result: dict) -> Path:
-    """Where one decoder layer's time goes under each ops set: its ops stacked (two add + RMSNorms a
-    layer), the whole layer as a dot; runs with no times (Pallas interpreted) are left empty."""
+    """Where one decoder layer's time goes under each ops set: each op's share of the sum of the ops
+    (two add + RMSNorms a layer), with the whole layer's microseconds over the bar; runs with no
+    times (Pallas interpreted) are left empty."""
     runs = result["runs"]
     parts = [("add_rms_norm_us", 2, "2 x add + RMSNorm"), ("self_attention_us", 1, "QKV + RoPE + attention"),
              ("o_proj_us", 1, "o_proj"), ("swiglu_mlp_us", 1, "SwiGLU MLP")]
-    fig, ax = plt.subplots(figsize=(max(7, 1.0 * len(runs)), 4.5))
-    x, bottom = range(len(runs)), [0.0] * len(runs)
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(runs)), 4.5))
+    x = range(len(runs))
+    totals = [sum(times * (r["metrics"].get(key) or 0.0) for key, times, _ in parts) for r in runs]
+    bottom = [0.0] * len(runs)
     for key, times, label in parts:
-        heights = [times * (r["metrics"].get(key) or 0.0) for r in runs]
-        ax.bar(x, heights, bottom=bottom, label=label)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    layer = [(i, r["metrics"]["layer_us"]) for i, r in enumerate(runs) if r["metrics"].get("layer_us") is not None]
-    ax.scatter([i for i, _ in layer], [t for _, t in layer], color="black", zorder=3, label="whole layer")
-    ax.set_yscale("log")
-    ax.set_ylabel("us per layer (median)")
+        shares = [100 * times * (r["metrics"].get(key) or 0.0) / total if total else 0.0
+                  for r, total in zip(runs, totals)]
+        ax.bar(x, shares, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, shares)]
+    for i, r in enumerate(runs):
+        layer = r["metrics"].get("layer_us")
+        ax.text(i, 101, "not timed" if layer is None else f"{layer / 1e3:.1f} ms", ha="center", fontsize=7)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("share of the layer's ops (%)")
     ax.set_xticks(list(x), [r["name"] for r in runs], rotation=30, ha="right")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{result['experiment']} - {result['model']}: one decoder layer, by op")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{result['experiment']} - {result['model']}: one decoder layer by op (the whole layer's time above)")
     return save_figure(fig, path)
 
 
