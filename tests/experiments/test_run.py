@@ -25,6 +25,10 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
         if run["config"]["engine"] == "attention_bench":
             assert m["attention_us_per_call"] > 0 and m["kv_gb_per_s"] > 0 and m["kv_bytes_allocated_peak"] > 0
             continue
+        if run["config"]["engine"] == "fusion_bench":
+            assert m["num_tokens"] > 0 and m["layer_max_abs_diff"] < 1e-4
+            assert (m["layer_us"] is None) == (run["config"]["kernels"] == "pallas")  # interpreted: not timed
+            continue
         if run["config"]["engine"] == "gemm_roofline":
             assert m["gemm_gflops"] > 0 and m["decode_tokens_per_s"] == pytest.approx(
                 m["gemm_gflops"] * 1e9 / m["flops_per_token"])
