@@ -45,10 +45,10 @@ from models.llama import decoder_layer
 from models.ops import Ops, get_ops, rope_cos_sin
 
 
-def _median_us(fn, args, cache_at: int | None, iterations: int) -> tuple[float, object]:
+def _median_us(fn, args, cache_at: int | None, iterations: int) -> float:
     """Median µs of `fn(*args)` over `iterations` calls after two warm-up calls; when `cache_at` is
     given, the call returns (..., cache) last and the cache is fed back (donated) at that position."""
-    args, times, out = list(args), [], None
+    args, times = list(args), []
     for i in range(iterations + 2):
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args))
@@ -56,7 +56,7 @@ def _median_us(fn, args, cache_at: int | None, iterations: int) -> tuple[float, 
             times.append(time.perf_counter() - start)
         if cache_at is not None:
             args[cache_at] = out[-1]
-    return 1e6 * float(np.median(times)), out
+    return 1e6 * float(np.median(times))
 
 
 def _count_fusions(hlo_text: str) -> int:
@@ -144,7 +144,7 @@ class FusionBenchEngine:
         return jax.jit(fn, donate_argnums=() if cache_at is None else (cache_at,))
 
     def serve(self, requests, progress) -> RunTrace:
-        cfg, iterations = self.run_config, self.run_config.iterations
+        iterations = self.run_config.iterations
         inputs = self._layer_inputs()
         calls = self._op_calls(self.ops, *inputs)
         extra: dict = {"device": jax.default_backend(), "num_tokens": self.num_tokens}
@@ -163,23 +163,14 @@ class FusionBenchEngine:
         start = time.perf_counter()
         for name in OPS:
             fn, args, at = calls[name]
-            us = _median_us(self._compiled(fn, at), _fresh(args, at), at, iterations)[0] if self.timed else None
+            us = _median_us(self._compiled(fn, at), _fresh(args, at), at, iterations) if self.timed else None
             extra[f"{name}_us"] = us
             if name in bytes_min:
                 extra[f"{name}_bytes"], extra[f"{name}_bytes_unfused"] = bytes_min[name], bytes_unfused[name]
                 extra[f"{name}_gb_per_s"] = None if us is None else bytes_min[name] / us / 1e3
-        extra["step_ms"] = self._step_ms(iterations) if self.timed else None
+        # the runner's whole step (it owns and donates its cache), on the same warm-up and median rule
+        extra["step_ms"] = (_median_us(self.runner.run, (self.runner.prepare(self.seqs),), None, iterations) / 1e3
+                            if self.timed else None)
         progress(len(requests))
         kv = self.runner.kv_cache_bytes
         return RunTrace([], time.perf_counter() - start, kv, kv, 1.0, 0, simulated=True, extra_metrics=extra)
-
-    def _step_ms(self, iterations: int) -> float:
-        runner = self.runner
-        prepared = runner.prepare(self.seqs)
-        times = []
-        for i in range(iterations + 2):
-            start = time.perf_counter()
-            runner.run(prepared)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
