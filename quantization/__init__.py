@@ -1,1 +1,2 @@
-"""Weight/activation quantization schemes and llama.cpp block formats. Empty until its issue lands."""
+"""Quantization: llama.cpp's block formats bit-exact (`ggml_formats`), the quantized-weight leaf the
+model's ops accept (`quantized_tensor`); the weight/activation schemes come next (see docs/quantization.md)."""
