@@ -89,8 +89,12 @@ def test_quantized_leaves_pass_through_linear_and_embed(tiny_model):
 
 def test_quantized_tensor_checks_its_shapes():
     values = jnp.zeros((8, 4), jnp.int8)
-    with pytest.raises(ValueError, match="group_size must divide"):
-        QuantizedTensor(values, jnp.ones((3, 4)), group_size=3)
+    ragged = QuantizedTensor(values, jnp.ones((3, 4)), group_size=3)  # groups of 3, 3 and 2 rows
+    np.testing.assert_array_equal(np.asarray(ragged.dequantize()), np.zeros((8, 4)))
+    with pytest.raises(ValueError, match=r"scales must have shape \(3, 4\)"):
+        QuantizedTensor(values, jnp.ones((2, 4)), group_size=3)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        QuantizedTensor(values, jnp.ones((1, 4)), bits=2)
     with pytest.raises(ValueError, match="scales must have shape"):
         QuantizedTensor(values, jnp.ones((2, 4)), group_size=2)
     with pytest.raises(ValueError, match="zeros must match"):
