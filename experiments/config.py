@@ -30,6 +30,7 @@ from continuous_batching.reservation import RESERVATIONS
 from continuous_batching.scheduler import PREEMPTION_MODES
 from experiments.config_checks import check_config, check_model_limits
 from paged_attention.backend_names import PAGED_BACKENDS
+from quantization.scheme_names import QUANTIZATIONS
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,20 @@ class FusionBenchRunConfig(Strict):
     iterations: int = Field(default=10, gt=0)
 
 
+class QuantEvalRunConfig(Strict):
+    """Quantization: one scheme's size, accuracy and speed on the experiment's model
+    (experiments/quant_eval.py; quantization/scheme_names.py lists the schemes)."""
+
+    name: str
+    engine: Literal["quant_eval"]
+    quantization: Literal[QUANTIZATIONS]
+    perplexity_windows: int = Field(default=8, gt=0)  # windows of lee_background.cor scored
+    window: int = Field(default=512, gt=1)  # tokens per perplexity window
+    context_len: int = Field(default=256, gt=0)  # decode timing: each sequence's context
+    prompt_len: int = Field(default=512, gt=0)  # prefill timing: one sequence's prompt
+    iterations: int = Field(default=5, gt=0)  # timed steps per measurement (median)
+
+
 class ContinuousRunConfig(Strict):
     """The continuous-batching engine (`continuous_batching.Engine`; experiments/continuous_engine.py).
 
@@ -188,7 +203,7 @@ class GemmRooflineRunConfig(Strict):
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig, SharingRunConfig,
                AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig,
-               FusionBenchRunConfig)
+               FusionBenchRunConfig, QuantEvalRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

@@ -39,7 +39,8 @@ Problem = tuple[str, str]  # (YAML path, message)
 # Engines whose runs can share one experiment: experiments/report.py picks one table and plot for all
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
 REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
-                 ("memory_sim",), ("sharing_sim",), ("attention_bench",), ("fusion_bench",))
+                 ("memory_sim",), ("sharing_sim",), ("attention_bench",), ("fusion_bench",),
+                 ("quant_eval",))
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
@@ -228,6 +229,13 @@ def _fusion_bench(run, workload) -> Iterator[tuple[str, str]]:
                f"{longest} tokens exceed the benchmark's 80 blocks of {run.block_size}; allowed: <= {limit}")
 
 
+def _quant_eval(run, workload) -> Iterator[tuple[str, str]]:
+    longest = max(run.context_len, run.prompt_len)
+    if longest > 80 * 16:  # experiments/decode_step.py scattered_runner: 80 blocks of 16 a sequence
+        yield ("context_len" if run.context_len >= run.prompt_len else "prompt_len",
+               f"{longest} tokens exceed the benchmark's 80 blocks of 16; allowed: <= {80 * 16}")
+
+
 def _sharing(run, workload) -> Iterator[tuple[str, str]]:
     yield from _ignored(run, "max_requests", run.mode == "beam_search", "to mode 'beam_search'")
     yield from _ignored(run, "seed", run.mode == "parallel_sampling", "to mode 'parallel_sampling'")
@@ -290,4 +298,5 @@ def _none(run, workload) -> Iterator[tuple[str, str]]:
 
 _RUN_CHECKS = {"continuous": _continuous, "attention_bench": _attention_bench,
                "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
-               "llama-cpp": _none, "gemm_roofline": _none, "fusion_bench": _fusion_bench}
+               "llama-cpp": _none, "gemm_roofline": _none, "fusion_bench": _fusion_bench,
+               "quant_eval": _quant_eval}

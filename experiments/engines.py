@@ -35,6 +35,7 @@ ENGINES = {
     "gemm_roofline": "experiments.roofline:GemmRooflineEngine",
     "attention_bench": "experiments.attention_bench:AttentionBenchEngine",
     "fusion_bench": "experiments.fusion_bench:FusionBenchEngine",
+    "quant_eval": "experiments.quant_eval:QuantEvalEngine",
     "memory_sim": "experiments.memory_sim:MemorySimEngine",
     "sharing_sim": "experiments.sharing:SharingSimEngine",
 }

@@ -57,6 +57,10 @@ _ENGINES = {
                                        *(f"{op}_{kind}" for op in FUSION_OPS[:-1]
                                          for kind in ("bytes", "bytes_unfused", "gb_per_s")))),
     # experiments/fusion_bench.py
+    "quant_eval": (MICRO_BENCHMARK, ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tokens",
+                                     "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement",
+                                     "decode_b1_tokens_per_s", "decode_b64_tokens_per_s", "prompt_tokens_per_s",
+                                     "block_formats_used")),  # experiments/quant_eval.py
     "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",
                                         "flops_per_token")),  # experiments/roofline.py
 }
@@ -72,6 +76,7 @@ NOT_NUMBERS: dict[str, frozenset[str]] = {
     "hf": frozenset({"attn_implementation"}),
     "attention_bench": frozenset({"device"}),
     "fusion_bench": frozenset({"device"}),
+    "quant_eval": frozenset({"block_formats_used"}),
 }
 
 # Engines a rate sweep (`request_rates`) can run: those that replay arrivals in real time and report

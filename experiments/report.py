@@ -66,6 +66,8 @@ def plot_runs(path: Path, result: dict) -> Path:
         return plot_decode(path, result)
     if kind == "fusion":
         return plot_fusion(path, result)
+    if kind == "quantization":
+        return plot_quantization(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -159,6 +161,33 @@ def plot_fusion(path: Path, result: dict) -> Path:
     ax.set_xticks(list(x), [r["name"] for r in runs], rotation=30, ha="right")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"{result['experiment']} - {result['model']}: one decoder layer by op (the whole layer's time above)")
+    return save_figure(fig, path)
+
+
+def plot_quantization(path: Path, result: dict) -> Path:
+    """Perplexity against bits per weight (one point per scheme), and decode tokens/s at batch 1
+    and 64 for the schemes that were timed."""
+    runs = result["runs"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in runs:
+        m = r["metrics"]
+        left.scatter(m["bits_per_weight"], m["perplexity"], color="tab:red" if m.get("block_formats_used") else "tab:blue")
+        left.annotate(r["name"], (m["bits_per_weight"], m["perplexity"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    left.set_xlabel("bits per weight (projections)")
+    left.set_ylabel("perplexity (lee_background)")
+    left.set_title("accuracy vs size (red: llama.cpp block formats)")
+    timed = [r for r in runs if r["metrics"].get("decode_b1_tokens_per_s") is not None]
+    x = range(len(timed))
+    for offset, key, label in ((-0.2, "decode_b1_tokens_per_s", "batch 1"), (0.2, "decode_b64_tokens_per_s", "batch 64")):
+        base = timed[0]["metrics"][key] if timed else 1.0
+        right.bar([i + offset for i in x], [r["metrics"][key] / base for r in timed], width=0.4, label=label)
+    right.axhline(1.0, color="gray", linewidth=0.8)
+    right.set_xticks(list(x), [r["name"] for r in timed], rotation=30, ha="right")
+    right.set_ylabel(f"decode tokens/s relative to {timed[0]['name'] if timed else '-'}")
+    right.legend(fontsize=8)
+    right.set_title("decode speed (weight-only schemes, dequantized in the step)")
+    fig.suptitle(f"{result['experiment']} - {result['model']}")
     return save_figure(fig, path)
 
 

@@ -84,7 +84,21 @@ FUSION_COLUMNS = [
     ("pallas_kernels_per_layer", "Pallas kernels / layer", "{:d}"),
     ("layer_max_abs_diff", "max abs diff vs xla", "{:.1e}"),
 ]
-_MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak"}
+# quantization: one scheme per run, size / accuracy / speed (speed None for block formats)
+QUANT_COLUMNS = [
+    ("config.quantization", "scheme", "{}"),
+    ("bits_per_weight", "bits / weight", "{:.2f}"),
+    ("model_bytes", "model MB", "{:.1f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("logit_max_abs_err", "logit max err", "{:.3f}"),
+    ("logit_mean_abs_err", "logit mean err", "{:.4f}"),
+    ("top1_agreement", "top-1 agree", "{:.1%}"),
+    ("decode_b1_tokens_per_s", "decode b1 tok/s", "{:.1f}"),
+    ("decode_b64_tokens_per_s", "decode b64 tok/s", "{:.0f}"),
+    ("prompt_tokens_per_s", "prompt tok/s", "{:.0f}"),
+    ("block_formats_used", "formats used", "{}"),
+]
+_MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak", "model_bytes"}
 _SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
@@ -92,6 +106,7 @@ _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "sharing": (SHARING_COLUMNS, None),
            "kernel": (KERNEL_COLUMNS, "attention_us_per_call"),
            "fusion": (FUSION_COLUMNS, None),
+           "quantization": (QUANT_COLUMNS, None),
            "decode": (DECODE_COLUMNS, "decode_tokens_per_s")}
 
 
@@ -104,6 +119,8 @@ def _table_kind(runs: list[dict]) -> str:
         return "kernel"
     if all("layer_us" in run["metrics"] for run in runs):
         return "fusion"
+    if all("perplexity" in run["metrics"] for run in runs):
+        return "quantization"
     if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
         return "simulation"
     if any("gemm_gflops" in run["metrics"] for run in runs) or any(

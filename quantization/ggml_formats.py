@@ -56,6 +56,18 @@ FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
     BlockFormat("Q4_K", 12, kq.QK_K, kq.Q4_K, kq.quantize_q4_k, kq.dequantize_q4_k),
     BlockFormat("Q6_K", 14, kq.QK_K, kq.Q6_K, kq.quantize_q6_k, kq.dequantize_q6_k),
 )}
+# llama-quantize's `tensor_type_fallback`: a 256-weight format for rows it cannot cut (SmolLM2's 576)
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def format_for_rows(name: str, row_len: int) -> str:
+    """The format llama.cpp writes a tensor with rows of `row_len` weights in when asked for `name`:
+    `name`, its fallback when the row does not divide into its blocks, or "F16" when neither does."""
+    if row_len % block_format(name).block_weights == 0:
+        return name
+    if name in FALLBACK:
+        return format_for_rows(FALLBACK[name], row_len)
+    return "F16"
 
 
 def block_format(name: str) -> BlockFormat:

@@ -20,11 +20,10 @@ import dataclasses
 import re
 
 from quantization.quantized_tensor import QuantizedTensor
+from quantization.scheme_names import SCHEME_NAMES
 from quantization.weight_only import quantize_weight
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
-GROUP_SIZES = (32, 64, 128)
-SCHEME_NAMES = ("none", "int8", "int8-asym", *(f"int4-g{g}{a}" for g in GROUP_SIZES for a in ("", "-asym")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ HOST_ONLY = ("experiments/config.py", "paged_attention/block_manager.py",
              "continuous_batching/engine_config.py", "continuous_batching/stop_checker.py",
              "continuous_batching/beam_search.py", "continuous_batching/step_shapes.py",
              "experiments/config_checks.py", "experiments/metric_names.py",
-             "paged_attention/backend_names.py", "paged_attention/buckets.py")
+             "paged_attention/backend_names.py", "paged_attention/buckets.py", "quantization/scheme_names.py")
 JAX_MODULES = {"jax", "jaxlib", "flax"}
 
 

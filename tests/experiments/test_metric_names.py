@@ -23,6 +23,8 @@ ENGINE_RUNS = {
     "sharing_sim": {"mode": "parallel_sampling", "width": 2},
     "attention_bench": {"backend": "contiguous", "batch_size": 2, "context_len": 16, "iterations": 2},
     "fusion_bench": {"kernels": "xla", "phase": "decode", "batch_size": 2, "context_len": 16, "iterations": 2},
+    "quant_eval": {"quantization": "int8", "perplexity_windows": 1, "window": 32, "context_len": 16,
+                   "prompt_len": 16, "iterations": 1},
 }
 
 
@@ -45,7 +47,7 @@ def test_every_engine_is_registered_and_run_here():
 
 
 @pytest.mark.parametrize("engines", [("static", "hf", "continuous"), ("memory_sim",), ("sharing_sim",),
-                                     ("attention_bench",), ("fusion_bench",)], ids=lambda engines: "+".join(engines))
+                                     ("attention_bench",), ("fusion_bench",), ("quant_eval",)], ids=lambda engines: "+".join(engines))
 def test_each_engine_reports_exactly_its_registered_metrics(engines, tmp_path):
     from experiments.run import main
 

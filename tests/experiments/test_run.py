@@ -29,6 +29,11 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
             assert m["num_tokens"] > 0 and m["layer_max_abs_diff"] < 1e-4
             assert (m["layer_us"] is None) == (run["config"]["kernels"] == "pallas")  # interpreted: not timed
             continue
+        if run["config"]["engine"] == "quant_eval":
+            assert m["perplexity"] > 1 and 0 < m["bits_per_weight"] <= 32 and 0 <= m["top1_agreement"] <= 1
+            block_format = run["config"]["quantization"].startswith("Q")
+            assert (m["decode_b1_tokens_per_s"] is None) == block_format == (m["block_formats_used"] is not None)
+            continue
         if run["config"]["engine"] == "gemm_roofline":
             assert m["gemm_gflops"] > 0 and m["decode_tokens_per_s"] == pytest.approx(
                 m["gemm_gflops"] * 1e9 / m["flops_per_token"])

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from models.model import find_packaged_gguf
-from quantization.ggml_formats import FORMATS, dequantize_blocks, quantize_blocks
+from quantization.ggml_formats import FORMATS, dequantize_blocks, format_for_rows, quantize_blocks
+from quantization.ggml_params import round_through_blocks
 from quantization.libggml import ggml_quantize, load_libggml
+from quantization.scheme_names import BLOCK_FORMAT_NAMES
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 K_QUANTS = ["Q4_K", "Q6_K"]
@@ -118,3 +120,24 @@ def test_bad_input_is_named():
         quantize_blocks(np.full(32, np.nan, np.float32), "Q8_0")
     with pytest.raises(ValueError, match="whole number of 18-byte blocks"):
         dequantize_blocks(np.zeros(20, np.uint8), "Q4_0")
+
+
+def test_formats_fall_back_as_llama_quantize_does():
+    assert format_for_rows("Q4_K", 1536) == "Q4_K" and format_for_rows("Q4_K", 576) == "Q5_0"
+    assert format_for_rows("Q6_K", 576) == "Q8_0" and format_for_rows("Q4_0", 48) == "F16"
+    assert tuple(FORMATS) == BLOCK_FORMAT_NAMES
+
+
+def test_round_through_blocks_rounds_each_projection_along_its_input_rows(rng):
+    """A projection [in, out] is a GGUF tensor of `out` rows of `in` weights: blocks run along `in`."""
+    wq = rng.standard_normal((576, 64)).astype(np.float32)
+    w_down = rng.standard_normal((1536, 48)).astype(np.float32)
+    params = {"embed": np.ones((4, 576), np.float32), "layers": [{"wq": wq, "w_down": w_down, "attn_norm": np.ones(576)}]}
+    rounded, summary = round_through_blocks(params, "Q4_K")
+    expected_wq = dequantize_blocks(quantize_blocks(wq.T, "Q5_0"), "Q5_0").reshape(64, 576).T
+    np.testing.assert_array_equal(np.asarray(rounded["layers"][0]["wq"]), expected_wq)
+    expected_down = dequantize_blocks(quantize_blocks(w_down.T, "Q4_K"), "Q4_K").reshape(48, 1536).T
+    np.testing.assert_array_equal(np.asarray(rounded["layers"][0]["w_down"]), expected_down)
+    assert summary["formats"] == {"Q5_0": 1, "Q4_K": 1} and summary["weights"] == wq.size + w_down.size
+    assert summary["bytes"] == 64 * 576 // 32 * 22 + 48 * 1536 // 256 * 144
+    assert rounded["embed"] is params["embed"] and rounded["layers"][0]["attn_norm"] is params["layers"][0]["attn_norm"]

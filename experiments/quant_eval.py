@@ -1,0 +1,122 @@
+"""The quantization benchmark (`engine: quant_eval`): one scheme applied to the experiment's model,
+measured for size, accuracy and speed side by side.
+
+- size: `bits_per_weight` over the quantized projections (codes plus scales and zero points) and
+  `model_bytes` of the whole params tree as stored (the embedding and norms stay in float);
+- accuracy: `perplexity` on gensim's lee_background.cor (the same `perplexity_windows` windows of
+  `window` tokens for every scheme, llama.cpp's `perplexity` rule), and the logits of the first
+  window against the unquantized model's: max / mean absolute error, top-1 agreement;
+- speed (weight-only schemes and `none`; the model runs on their `QuantizedTensor` leaves): decode
+  tokens/s at batch 1 and 64 (one step, 256-token contexts, pages scattered) and prompt tokens/s
+  (one `prompt_len` prefill step), medians of `iterations` steps after two warm-up steps. Block
+  formats are rounded through and dequantized (`quantization/ggml_params.py`): the model computes
+  with exactly llama.cpp's weights, but not on the blocks, so they report no speed.
+A model without a tokenizer (the `tiny` smoke model) scores the text's bytes as token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from continuous_batching.request import Sequence
+from experiments.datasets import lee_background_text
+from experiments.decode_step import scattered_runner
+from experiments.perplexity import perplexity
+from experiments.roofline import median_seconds
+from experiments.trace import RunTrace
+from models.llama import forward
+from quantization.ggml_params import round_through_blocks
+from quantization.quantized_tensor import QuantizedTensor
+from quantization.scheme_names import BLOCK_FORMAT_NAMES
+from quantization.schemes import PROJECTIONS, quantize_params
+
+DECODE_BATCHES = (1, 64)
+
+
+def text_token_ids(model: models.Model) -> list[int]:
+    text = lee_background_text()
+    if model.tokenizer is not None:
+        return model.tokenizer(text).input_ids
+    return [b % model.config.vocab_size for b in text.encode("utf-8")]
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf (a QuantizedTensor's codes, scales and zeros included)."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def projection_bits(params: dict) -> float:
+    """Stored bits per weight over the layers' projection matrices."""
+    stored = weights = 0
+    for layer in params["layers"]:
+        for key in PROJECTIONS:
+            if key in layer:
+                leaf = layer[key]
+                stored += leaf.nbytes if isinstance(leaf, QuantizedTensor) else leaf.size * leaf.dtype.itemsize
+                weights += int(np.prod(leaf.shape))
+    return 8 * stored / weights
+
+
+class QuantEvalEngine:
+    times_itself = True  # warms up and times each measurement inside serve
+
+    def __init__(self, model: models.Model, run_config, requests):
+        del requests  # the text and the shapes come from the run config
+        self.run_config, self.base = run_config, model
+        scheme = run_config.quantization
+        if scheme in BLOCK_FORMAT_NAMES:
+            params, blocks = round_through_blocks(model.params, scheme)
+            self.model = dataclasses.replace(model, params=params)
+            float_bytes = tree_bytes(model.params) - sum(
+                layer[k].size * layer[k].dtype.itemsize for layer in model.params["layers"] for k in PROJECTIONS if k in layer)
+            self.bits_per_weight = 8 * blocks["bytes"] / blocks["weights"]
+            self.model_bytes = float_bytes + blocks["bytes"]
+            self.formats = dict(blocks["formats"])
+        else:
+            self.model = dataclasses.replace(model, params=quantize_params(model.params, scheme))
+            self.bits_per_weight = projection_bits(self.model.params)
+            self.model_bytes = tree_bytes(self.model.params)
+            self.formats = None
+        self.timed = scheme not in BLOCK_FORMAT_NAMES
+
+    def warmup(self) -> None:
+        pass  # each measurement warms itself up
+
+    def _logit_errors(self, window: np.ndarray) -> dict:
+        tokens = jnp.asarray(window[None])
+        positions = jnp.arange(len(window))[None]
+        run = jax.jit(lambda p: forward(p, tokens, positions, config=self.base.config)[0][0])
+        base, ours = run(self.base.params), run(self.model.params)  # f32[window, vocab]
+        diff = jnp.abs(ours - base)
+        return {"logit_max_abs_err": float(diff.max()), "logit_mean_abs_err": float(diff.mean()),
+                "top1_agreement": float((ours.argmax(-1) == base.argmax(-1)).mean())}
+
+    def _step_seconds(self, lens: list[int], new_tokens: list[list[int]]) -> float:
+        runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu")
+        seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
+        runner.step(seqs)  # compile; median_seconds adds one more untimed step
+        return median_seconds(lambda: runner.step(seqs), self.run_config.iterations)
+
+    def serve(self, requests, progress) -> RunTrace:
+        rc = self.run_config
+        start = time.perf_counter()
+        ids = np.asarray(text_token_ids(self.model), np.int32)
+        ppl, scored = perplexity(self.model, ids.tolist(), window=rc.window, max_windows=rc.perplexity_windows)
+        extra = {"bits_per_weight": self.bits_per_weight, "model_bytes": self.model_bytes, "perplexity": ppl,
+                 "perplexity_tokens": scored, **self._logit_errors(ids[:rc.window])}
+        for batch in DECODE_BATCHES:
+            extra[f"decode_b{batch}_tokens_per_s"] = (
+                batch / self._step_seconds([rc.context_len] * batch, [[5]] * batch) if self.timed else None)
+        extra["prompt_tokens_per_s"] = (
+            rc.prompt_len / self._step_seconds([rc.prompt_len], [list(range(1, rc.prompt_len + 1))])
+            if self.timed else None)
+        extra["block_formats_used"] = None if self.formats is None else ", ".join(
+            f"{name} x{count}" for name, count in sorted(self.formats.items()))
+        progress(len(requests))
+        return RunTrace([], time.perf_counter() - start, 0, 0, 1.0, 0, simulated=True, extra_metrics=extra)

@@ -1,0 +1,49 @@
+"""A model's projections rounded through a llama.cpp block format, for accuracy measurements.
+
+`round_through_blocks(params, "Q4_0")` quantizes every layer's projection weights the way
+`llama-quantize --pure` would (blocks along each weight's input dimension, which is a GGUF row; a
+format that cannot cut a row falls back as llama.cpp does: Q4_K -> Q5_0, Q6_K -> Q8_0 for 576-wide
+rows; rows no format divides stay in F16) and returns them dequantized to f32: the weights llama.cpp computes with, in a params tree
+the unchanged model runs. The model does not (yet) run on the blocks themselves, so this measures
+accuracy and size, not speed. Norms and the embedding table stay as they are (like `quantize_params`).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax.numpy as jnp
+import numpy as np
+
+from quantization.ggml_formats import dequantize_blocks, format_for_rows, quantize_blocks
+from quantization.schemes import PROJECTIONS
+
+
+def round_weight(weight, name: str) -> tuple[np.ndarray, str, int]:
+    """weight [in, out] -> (the weight rounded through the format, f32[in, out]; the format used; bytes
+    its blocks take)."""
+    rows = np.asarray(weight, np.float32).T  # GGUF rows: one output unit's weights over the inputs
+    used = format_for_rows(name, rows.shape[1])
+    if used == "F16":
+        return np.ascontiguousarray(rows.astype(np.float16).astype(np.float32).T), used, rows.size * 2
+    blocks = quantize_blocks(rows, used)
+    rounded = dequantize_blocks(blocks, used).reshape(rows.shape).T
+    return np.ascontiguousarray(rounded), used, blocks.nbytes
+
+
+def round_through_blocks(params: dict, name: str) -> tuple[dict, dict]:
+    """(params with every projection rounded through format `name`, a summary: `bytes` and `weights`
+    of the projections as blocks, and `formats`, how many tensors each format took)."""
+    summary = {"bytes": 0, "weights": 0, "formats": collections.Counter()}
+    layers = []
+    for layer in params["layers"]:
+        layer = dict(layer)
+        for key in PROJECTIONS:
+            if key in layer:
+                rounded, used, nbytes = round_weight(layer[key], name)
+                summary["bytes"] += nbytes
+                summary["weights"] += rounded.size
+                summary["formats"][used] += 1
+                layer[key] = jnp.asarray(rounded, layer[key].dtype)
+        layers.append(layer)
+    return {**params, "layers": layers}, summary

@@ -1,0 +1,16 @@
+"""The names a run config's `quantization` key accepts (plain data, no JAX: the config checks read it
+before any model loads).
+
+    none                      the weights as loaded
+    int8, int8-asym           weight-only int8, one scale (and zero point) per output channel
+    int4-g{32,64,128}[-asym]  weight-only int4, one scale (and zero point) per group of input rows
+    Q4_0 ... Q6_K             llama.cpp block formats (`quantization/ggml_formats.py`)
+"""
+
+from __future__ import annotations
+
+GROUP_SIZES = (32, 64, 128)
+WEIGHT_ONLY_SCHEMES = ("int8", "int8-asym", *(f"int4-g{g}{a}" for g in GROUP_SIZES for a in ("", "-asym")))
+SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES)
+BLOCK_FORMAT_NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
+QUANTIZATIONS = (*SCHEME_NAMES, *BLOCK_FORMAT_NAMES)
