@@ -145,6 +145,7 @@ class QuantEvalRunConfig(Strict):
     context_len: int = Field(default=256, gt=0)  # decode timing: each sequence's context
     prompt_len: int = Field(default=512, gt=0)  # prefill timing: one sequence's prompt
     iterations: int = Field(default=5, gt=0)  # timed steps per measurement (median)
+    calibration_windows: int = Field(default=16, gt=0)  # calibrated schemes: 256-token windows of ShareGPT prompts
 
 
 class ContinuousRunConfig(Strict):

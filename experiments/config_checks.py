@@ -32,6 +32,7 @@ from typing import Iterator
 from continuous_batching.engine_config import EngineConfig, EngineConfigError
 from experiments.metric_names import SWEEP_ENGINES, claimable_metrics
 from paged_attention.buckets import is_pow2, pow2_at_least, round_up
+from quantization.scheme_names import CALIBRATED_SCHEMES
 
 Problem = tuple[str, str]  # (YAML path, message)
 
@@ -230,6 +231,8 @@ def _fusion_bench(run, workload) -> Iterator[tuple[str, str]]:
 
 
 def _quant_eval(run, workload) -> Iterator[tuple[str, str]]:
+    yield from _ignored(run, "calibration_windows", run.quantization in CALIBRATED_SCHEMES,
+                        f"to the calibrated schemes {list(CALIBRATED_SCHEMES)}")
     longest = max(run.context_len, run.prompt_len)
     if longest > 80 * 16:  # experiments/decode_step.py scattered_runner: 80 blocks of 16 a sequence
         yield ("context_len" if run.context_len >= run.prompt_len else "prompt_len",

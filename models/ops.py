@@ -41,6 +41,7 @@ from kernel_fusion.rms_norm import fused_add_rms_norm
 from kernel_fusion.swiglu import fused_swiglu
 from models.attention import PagedBackend, get_backend
 from quantization.quantized_tensor import QuantizedTensor
+from quantization.w8a8 import W8A8Tensor
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -67,8 +68,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def dense(weight, dtype) -> jax.Array:
-    """A weight leaf as a plain array: a QuantizedTensor dequantized to `dtype`, an array as is."""
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedTensor) else weight
+    """A weight leaf as a plain array: a QuantizedTensor / W8A8Tensor dequantized to `dtype`, an array as is."""
+    return weight.dequantize(dtype) if isinstance(weight, (QuantizedTensor, W8A8Tensor)) else weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,10 @@ class Ops:
         return table[tokens]
 
     def linear(self, x: jax.Array, weight) -> jax.Array:
-        """x [..., in] @ weight [in, out] (array or QuantizedTensor) -> [..., out] in x's dtype."""
+        """x [..., in] @ weight [in, out] (array, QuantizedTensor, or W8A8Tensor: an int8 x int8 dot)
+        -> [..., out] in x's dtype."""
+        if isinstance(weight, W8A8Tensor):
+            return weight.matmul(x)
         return x @ dense(weight, x.dtype)
 
     def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float,

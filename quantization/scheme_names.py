@@ -4,6 +4,10 @@ before any model loads).
     none                      the weights as loaded
     int8, int8-asym           weight-only int8, one scale (and zero point) per output channel
     int4-g{32,64,128}[-asym]  weight-only int4, one scale (and zero point) per group of input rows
+    w8a8                      int8 weights x int8 activations (per-token dynamic scales)
+    w8a8-smooth               the same after SmoothQuant smoothing (alpha 0.5; needs calibration)
+    w8a8-tensor[-smooth]      one static activation scale per tensor from calibration (the
+                              variant that collapses on outlier channels), optionally smoothed
     Q4_0 ... Q6_K             llama.cpp block formats (`quantization/ggml_formats.py`)
 """
 
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 GROUP_SIZES = (32, 64, 128)
 WEIGHT_ONLY_SCHEMES = ("int8", "int8-asym", *(f"int4-g{g}{a}" for g in GROUP_SIZES for a in ("", "-asym")))
-SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES)
+W8A8_SCHEMES = ("w8a8", "w8a8-smooth", "w8a8-tensor", "w8a8-tensor-smooth")
+CALIBRATED_SCHEMES = ("w8a8-smooth", "w8a8-tensor", "w8a8-tensor-smooth")  # need activation statistics
+SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES, *W8A8_SCHEMES)
 BLOCK_FORMAT_NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 QUANTIZATIONS = (*SCHEME_NAMES, *BLOCK_FORMAT_NAMES)

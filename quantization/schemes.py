@@ -7,9 +7,12 @@ Scheme names (`parse_scheme`):
     int8-asym             the same with a zero point per channel
     int4-g32 / -g64 / -g128   int4 weight-only, one scale per 32 / 64 / 128 input rows and output
                           column (two codes per byte); append -asym for a zero point per group
+    w8a8, w8a8-smooth, w8a8-tensor, w8a8-tensor-smooth
+                          int8 x int8 matmuls (`quantization/w8a8.py`): per-token or static
+                          per-tensor activation scales, with or without SmoothQuant smoothing
 
 The seven projections of every layer (and the fused `wqkv` / `w_gate_up` when present) become
-`QuantizedTensor` leaves; norms, the embedding table and the LM head stay in their float dtype, as
+`QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head stay in their float dtype, as
 GPTQ / AWQ checkpoints and TensorRT-LLM's weight-only mode keep them. The model code is unchanged:
 its `linear` op accepts the quantized leaf.
 """
@@ -20,8 +23,11 @@ import dataclasses
 import re
 
 from quantization.quantized_tensor import QuantizedTensor
-from quantization.scheme_names import SCHEME_NAMES
+from quantization.scheme_names import CALIBRATED_SCHEMES, SCHEME_NAMES, W8A8_SCHEMES
+from quantization.w8a8 import W8A8Tensor, quantize_w8a8
 from quantization.weight_only import quantize_weight
+
+SMOOTH_ALPHA = 0.5  # SmoothQuant's default migration strength
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 
@@ -38,33 +44,55 @@ class WeightOnlyScheme:
         return f"int{self.bits}{group}{'' if self.symmetric else '-asym'}"
 
 
-def parse_scheme(name: str) -> WeightOnlyScheme | None:
-    """A scheme name -> its settings (None for `none`); a clear error naming the allowed names."""
-    match = re.fullmatch(r"int(8|4)(?:-g(\d+))?(-asym)?", name)
-    if name != "none" and (match is None or name not in SCHEME_NAMES):
+def parse_scheme(name: str) -> WeightOnlyScheme | str | None:
+    """A scheme name -> its settings (None for `none`, the name itself for a W8A8 scheme); a clear
+    error naming the allowed names."""
+    if name not in SCHEME_NAMES:
         raise ValueError(f"quantization must be one of {list(SCHEME_NAMES)}, got {name!r}")
-    if name == "none":
-        return None
+    if name == "none" or name in W8A8_SCHEMES:
+        return None if name == "none" else name
+    match = re.fullmatch(r"int(8|4)(?:-g(\d+))?(-asym)?", name)
     return WeightOnlyScheme(int(match[1]), int(match[2] or 0), match[3] is None)
 
 
-def quantize_params(params: dict, scheme: str, calibration=None) -> dict:
+def _quantizer(scheme: str, settings, calibration):
+    """(layer index, projection name, weight) -> its quantized leaf."""
+    if isinstance(settings, WeightOnlyScheme):
+        return lambda index, name, w: quantize_weight(w, settings.bits, settings.group_size, settings.symmetric,
+                                                      scale_dtype=w.dtype)
+    smooth_alpha = SMOOTH_ALPHA if scheme.endswith("-smooth") else None
+    per_tensor = scheme.startswith("w8a8-tensor")
+
+    def quantize(index, name, w):
+        key = f"layers.{index}.{name}"
+        if calibration is not None and key not in calibration:
+            raise ValueError(f"calibration has no activation statistics for {key}")
+        return quantize_w8a8(w, None if calibration is None else calibration[key],
+                             smooth_alpha=smooth_alpha, per_tensor=per_tensor)
+    return quantize
+
+
+def quantize_params(params: dict, scheme: str, calibration: dict | None = None) -> dict:
     """params with every layer's projections quantized by `scheme` (see the module docstring).
-    `calibration` is for the calibrated schemes; the weight-only ones take none."""
+    `calibration`: for the calibrated schemes (`CALIBRATED_SCHEMES`), each projection's input
+    absmax per channel, `{"layers.{i}.{name}": f32[in]}` (experiments/quant_calibration.py collects
+    it); the other schemes take none."""
     settings = parse_scheme(scheme)
-    if calibration is not None:
+    if scheme in CALIBRATED_SCHEMES and calibration is None:
+        raise ValueError(f"quantization {scheme!r} needs calibration: each projection input's absmax per channel")
+    if scheme not in CALIBRATED_SCHEMES and calibration is not None:
         raise ValueError(f"quantization {scheme!r} takes no calibration data")
     if settings is None:
         return params
+    quantize = _quantizer(scheme, settings, calibration)
     layers = []
     for index, layer in enumerate(params["layers"]):
         layer = dict(layer)
         for name in PROJECTIONS:
             if name not in layer:
                 continue
-            if isinstance(layer[name], QuantizedTensor):
+            if isinstance(layer[name], (QuantizedTensor, W8A8Tensor)):
                 raise ValueError(f"layers[{index}].{name} is already quantized")
-            layer[name] = quantize_weight(layer[name], settings.bits, settings.group_size, settings.symmetric,
-                                          scale_dtype=layer[name].dtype)
+            layer[name] = quantize(index, name, layer[name])
         layers.append(layer)
     return {**params, "layers": layers}
