@@ -171,6 +171,11 @@ def plot_quantization(path: Path, result: dict) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in runs:
         m = r["metrics"]
+        if m["bits_per_weight"] >= 16:  # the float base: a reference line, not a point far to the right
+            left.axhline(m["perplexity"], color="gray", linestyle="--", linewidth=0.8)
+            left.annotate(f"{r['name']} ({m['bits_per_weight']:.0f} bits)", (0.01, m["perplexity"]),
+                          xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3), textcoords="offset points")
+            continue
         left.scatter(m["bits_per_weight"], m["perplexity"], color="tab:red" if m.get("block_formats_used") else "tab:blue")
         left.annotate(r["name"], (m["bits_per_weight"], m["perplexity"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
@@ -186,7 +191,7 @@ def plot_quantization(path: Path, result: dict) -> Path:
     right.set_xticks(list(x), [r["name"] for r in timed], rotation=30, ha="right")
     right.set_ylabel(f"decode tokens/s relative to {timed[0]['name'] if timed else '-'}")
     right.legend(fontsize=8)
-    right.set_title("decode speed (weight-only schemes, dequantized in the step)")
+    right.set_title("decode speed (weight-only: dequantized in the step; W8A8: int8 dots)")
     fig.suptitle(f"{result['experiment']} - {result['model']}")
     return save_figure(fig, path)
 

@@ -12,9 +12,9 @@ Scheme names (`parse_scheme`):
                           per-tensor activation scales, with or without SmoothQuant smoothing
 
 The seven projections of every layer (and the fused `wqkv` / `w_gate_up` when present) become
-`QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head stay in their float dtype, as
-GPTQ / AWQ checkpoints and TensorRT-LLM's weight-only mode keep them. The model code is unchanged:
-its `linear` op accepts the quantized leaf.
+`QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head
+stay in their float dtype, as GPTQ / AWQ checkpoints and TensorRT-LLM's weight-only mode keep them.
+The model code is unchanged: its `linear` op accepts the quantized leaves.
 """
 
 from __future__ import annotations
