@@ -1,8 +1,8 @@
 """Baseline: llama.cpp (through llama-cpp-python) at batch 1 on the same weights, as an F32 GGUF.
 
 Our `smollm2-135m` preset is the packaged Q4_1 GGUF dequantized to f32. `f32_gguf` writes exactly
-those weights back as an all-F32 GGUF (gguf's own reader, dequantizer and writer; every metadata
-field, tokenizer included, copied unchanged), so llama.cpp and our engine multiply the same numbers.
+those weights back as an all-F32 GGUF (`quantization/gguf_export.py`: gguf's own reader,
+dequantizer and writer; every metadata field, tokenizer included, copied unchanged), so llama.cpp and our engine multiply the same numbers.
 The engine serves requests one at a time (llama.cpp's single-sequence path, what the issue compares
 our batch-1 decode with), greedy, each forced to its workload output length (EOS is not checked), the
 cache cleared between requests so no prompt prefix is reused. `decode_tokens_per_s` counts tokens
@@ -19,37 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import models
 from experiments.provenance import host_cores
 from experiments.trace import OptionalEngineMissing, RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
 from experiments.workloads import Request
+from quantization.gguf_export import write_gguf
 
 
 def f32_gguf(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write `source`'s tensors dequantized to F32 (and its metadata unchanged) to `dest`."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(dest), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
-            continue  # the writer's own header fields, and the file type set below
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for tensor in reader.tensors:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        # gguf shapes list the fastest axis first; numpy wants it last
-        writer.add_tensor(tensor.name, array.reshape(tuple(reversed([int(n) for n in tensor.shape]))))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(dest)
+    return write_gguf(source, dest)[0]
 
 
 class LlamaCppEngine:
