@@ -1,5 +1,7 @@
 """GGUF files written from our blocks: the bytes are `quantize_blocks`' (so llama-quantize's), the
-metadata is the source's, and llama.cpp runs the file computing with the weights our model uses."""
+metadata is the source's, and llama.cpp runs the file computing with the weights our model uses.
+Marked slow (left out of .ci/run to keep CI within its time budget): each writes the whole real
+model (~200 MB) and runs it; `python -m pytest tests/quantization/test_gguf_export.py` runs them."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
 from models.llama import forward
 from models.model import find_packaged_gguf
 from quantization.ggml_formats import quantize_blocks
 from quantization.ggml_params import round_through_blocks
 from quantization.gguf_export import LINEAR_WEIGHT, write_gguf
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,13 @@ def test_linear_weights_are_our_blocks_and_the_rest_f32(q4_0_file):
     assert after.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
 
 
-def test_llama_cpp_computes_with_the_weights_our_model_rounds_to(q4_0_file):
+def test_llama_cpp_computes_with_the_weights_our_model_rounds_to(q4_0_file, smollm2):
     """llama.cpp on our Q4_0 file vs our model on the same weights rounded through Q4_0
     (`round_through_blocks`): close, and ten times closer than either is to the unrounded base.
     (Not equal: llama.cpp's Q4_0 dot also rounds the activations to Q8_0 blocks.)"""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is the oracle: pip install -e '.[llama-cpp]'")
     _, dest, _ = q4_0_file
-    model = models.load("smollm2-135m")
+    model = smollm2
     tokens = model.tokenizer("The quick brown fox jumps over the lazy dog because it was").input_ids
     llm = llama_cpp.Llama(str(dest), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
     llm.eval(tokens)
