@@ -2,7 +2,10 @@
 
 The `gguf` package reads the file and dequantizes each tensor to f32 (`gguf.quants.dequantize`); the
 array comes out in HF `[out, in]` order. llama.cpp's converter permuted the q/k projection rows into
-its interleaved-RoPE order; we undo that so our rotate-half RoPE applies unchanged.
+its interleaved-RoPE order; we undo that so our rotate-half RoPE applies unchanged. With
+`keep_quantized`, projections stored in Q4_0 / Q4_1 / Q8_0 stay quantized instead: their blocks
+become `QuantizedTensor` leaves (`quantization.ggml_tensor`) holding the file's codes, scales and
+minimums, the same bytes, dequantizing to the same f32 values.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from models.config import ModelConfig
 from models.llama import Params
 from models.load_cache import cached_state, cached_tokenizer, default_model_cache_dir, entry_dir
 from models.loading import CheckpointError, params_from_hf_state_dict
+from quantization.ggml_tensor import TENSOR_FORMATS, tensor_from_blocks
 
 # GGUF tensor name -> HF tensor name ({i} = layer index)
 _GGUF_TO_HF = {
@@ -33,6 +37,9 @@ _GGUF_TO_HF = {
     "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
+# GGUF projection name -> our params key (models/llama.py)
+_GGUF_PROJECTIONS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+                     "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -80,9 +87,12 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, cache: bool = True) -> tuple[ModelConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, cache: bool = True,
+              keep_quantized: bool = False) -> tuple[ModelConfig, Params]:
     """Read a GGUF file and dequantize every tensor into our params (f32 or bf16). With `cache`,
-    the dequantized tensors come from (or go to) the model cache (`models.load_cache`)."""
+    the dequantized tensors come from (or go to) the model cache (`models.load_cache`). With
+    `keep_quantized`, the projections in a format a QuantizedTensor holds (`TENSOR_FORMATS`) keep
+    the file's blocks (`quantized_projections`); norms and the embedding table are dequantized."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -95,7 +105,29 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, cache: bool = 
         params = params_from_hf_state_dict(state, config, dtype)
     except CheckpointError as err:
         raise CheckpointError(f"{path.name}: {err}") from None
-    return config, params
+    return config, quantized_projections(path, config, params) if keep_quantized else params
+
+
+def quantized_projections(path: Path, config: ModelConfig, params: Params) -> Params:
+    """params with each projection whose GGUF tensor is Q4_0, Q4_1 or Q8_0 replaced by those blocks
+    as a QuantizedTensor [in, out] (q/k rows unpermuted like the dequantized weights: whole GGUF
+    rows move, blocks intact); projections in other formats keep their dequantized arrays."""
+    import gguf
+
+    layers = [dict(layer) for layer in params["layers"]]
+    for tensor in gguf.GGUFReader(path).tensors:
+        parts = tensor.name.split(".")
+        if parts[0] != "blk" or parts[2] not in _GGUF_PROJECTIONS:
+            continue
+        block_format = gguf.GGMLQuantizationType(tensor.tensor_type).name
+        if block_format not in TENSOR_FORMATS:
+            continue
+        blocks = np.asarray(tensor.data)  # u8[out, bytes per row]
+        if parts[2] in ("attn_q", "attn_k"):
+            blocks = unpermute_rope_rows(blocks, config.num_heads if parts[2] == "attn_q" else config.num_kv_heads)
+        layers[int(parts[1])][_GGUF_PROJECTIONS[parts[2]]] = tensor_from_blocks(blocks, block_format,
+                                                                             int(tensor.shape[0]))
+    return {**params, "layers": layers}
 
 
 def read_gguf_state(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:

@@ -44,13 +44,15 @@ def find_packaged_gguf(preset: str) -> Path:
 
 
 def load(source: str | Path, dtype: str = "float32", *, random_weights: bool = False,
-         seed: int = 0, tokenizer: bool = True) -> Model:
+         seed: int = 0, tokenizer: bool = True, keep_quantized: bool = False) -> Model:
     """Load a model.
 
     source: a preset name (`"smollm2-135m"`: the real SmolLM2-135M-Instruct GGUF; `"tiny"`: random
     weights), a HF checkpoint folder (config.json + *.safetensors), or a `.gguf` file.
     random_weights: use seeded random weights of the preset's shape (benchmarks, tests).
     tokenizer: also load the tokenizer when the source has one.
+    keep_quantized: a GGUF source's Q4_0 / Q4_1 / Q8_0 projections stay quantized, as
+    `quantization.QuantizedTensor` leaves holding the file's blocks (`models.gguf_loading`).
     A GGUF file is converted once and then read from the model cache (`models.load_cache`;
     `$INFER_LAB_MODEL_CACHE=off` turns it off).
     """
@@ -60,16 +62,20 @@ def load(source: str | Path, dtype: str = "float32", *, random_weights: bool = F
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     source_str = str(source)
+    is_gguf = source_str in REAL_WEIGHTS and not random_weights or source_str.endswith(".gguf")
+    if keep_quantized and not is_gguf:
+        raise ValueError(f"keep_quantized applies to GGUF weights (a .gguf file or a preset among "
+                         f"{sorted(REAL_WEIGHTS)} without random_weights), got source {source_str!r}")
     if source_str in PRESETS:
         config = PRESETS[source_str]
         if random_weights or source_str not in REAL_WEIGHTS:
             return Model(config, init_params(config, seed=seed, dtype=dtype))
         path = find_packaged_gguf(source_str)
-        _, params = load_gguf(path, dtype)  # keep the preset's name and exact config
+        _, params = load_gguf(path, dtype, keep_quantized=keep_quantized)  # keep the preset's name and exact config
         return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None, path)
     path = Path(source_str)
     if path.suffix == ".gguf" and path.is_file():
-        config, params = load_gguf(path, dtype)
+        config, params = load_gguf(path, dtype, keep_quantized=keep_quantized)
         return Model(config, params, load_gguf_tokenizer(path) if tokenizer else None, path)
     if path.is_dir():
         config, params = load_hf_checkpoint(path, dtype)

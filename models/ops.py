@@ -24,7 +24,9 @@ argument of the jitted step, and two sets with the same class and name compile t
     pallas  the fused kernels of `kernel_fusion/`: residual add + RMSNorm in one kernel, gate and up
             as one matmul with SiLU-multiply fused (the down projection stays `linear`); on a paged
             cache, QKV projection + RoPE + the K/V write into the cache slots as one kernel, then the
-            backend's attention over the written cache (elsewhere: one matmul over `wqkv`, then RoPE)
+            backend's attention over the written cache (elsewhere: one matmul over `wqkv`, then RoPE);
+            QuantizedTensor projections through the dequant-matmul kernel
+            (`quantization/dequant_matmul.py`) instead, never dequantized whole
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from kernel_fusion.fuse_params import fuse_params, pad_intermediate
+from kernel_fusion.fuse_params import FUSED, fuse_params, pad_intermediate
 from kernel_fusion.qkv_rope import fused_qkv_rope
 from kernel_fusion.rms_norm import fused_add_rms_norm
 from kernel_fusion.swiglu import fused_swiglu
 from models.attention import PagedBackend, get_backend
+from quantization.dequant_matmul import dequant_matmul, tiling_problem
 from quantization.quantized_tensor import QuantizedTensor
 from quantization.w8a8 import W8A8Tensor
 
@@ -168,35 +171,59 @@ class PallasOps(Ops):
         return jax.default_backend() != "gpu" if self.interpret is None else self.interpret
 
     def prepare_params(self, params: dict) -> dict:
-        """Fused weights, the intermediate size padded to a multiple of 16 (Triton's dot tiles)."""
+        """Fused weights, the intermediate size padded to a multiple of 16 (Triton's dot tiles); quantized
+        params as they are (their projections run through `linear`'s dequant-matmul kernel)."""
+        first = params["layers"][0]
+        if _is_quantized(first.get("wqkv", first.get("wq"))):
+            return params
         fused = params if "w_gate_up" in params["layers"][0] else fuse_params(params)
         return pad_intermediate(fused, 16)
+
+    def linear(self, x, weight):
+        """A QuantizedTensor the kernel can tile through `dequant_matmul`; anything else as the base op."""
+        if isinstance(weight, QuantizedTensor) and tiling_problem(weight) is None:
+            return dequant_matmul(x, weight, interpret=self._interpret())
+        return super().linear(x, weight)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return fused_add_rms_norm(x, residual, weight, eps=eps, interpret=self._interpret())
 
     def self_attention(self, x, layer, cos, sin, layer_cache, positions, metadata, *, config, backend):
         """On a paged cache (flat tokens): the fused QKV + RoPE + cache-write kernel, then the
-        backend's attention over the cache it wrote; elsewhere the base composite."""
+        backend's attention over the cache it wrote; elsewhere (or with quantized projections) the
+        base composite."""
         attention = get_backend(backend)
-        if not isinstance(attention, PagedBackend) or layer_cache is None:
+        wqkv = self._fused(layer, "wqkv")
+        if not isinstance(attention, PagedBackend) or layer_cache is None or wqkv is None:
             return super().self_attention(x, layer, cos, sin, layer_cache, positions, metadata, config=config,
                                           backend=backend)
-        q, k_cache, v_cache = fused_qkv_rope(x, dense(self._fused(layer, "wqkv"), x.dtype), cos, sin, *layer_cache,
+        q, k_cache, v_cache = fused_qkv_rope(x, wqkv, cos, sin, *layer_cache,
                                              metadata.slot_mapping, num_heads=config.num_heads,
                                              num_kv_heads=config.num_kv_heads, interpret=self._interpret())
         return attention.attend_cached(q, (k_cache, v_cache), metadata), (k_cache, v_cache)
 
     @staticmethod
-    def _fused(layer: dict, name: str):
+    def _fused(layer: dict, name: str) -> jax.Array | None:
+        """The layer's fused float weight `name`; None when the projections are quantized (the fused
+        kernels take float weights: the base composite runs, its matmuls through `linear`)."""
+        weight = layer.get(name, layer.get(FUSED[name][0]))
+        if _is_quantized(weight):
+            return None
         if name not in layer:
             raise ValueError(f"the pallas ops set runs on fused params ({name}): pass "
                              "kernel_fusion.fuse_params(params), or let a runner prepare them")
         return layer[name]
 
     def swiglu_mlp(self, x, layer):
-        act = fused_swiglu(x, dense(self._fused(layer, "w_gate_up"), x.dtype), interpret=self._interpret())
+        w_gate_up = self._fused(layer, "w_gate_up")
+        if w_gate_up is None:
+            return super().swiglu_mlp(x, layer)
+        act = fused_swiglu(x, w_gate_up, interpret=self._interpret())
         return self.linear(act, layer["w_down"])
+
+
+def _is_quantized(weight) -> bool:
+    return isinstance(weight, (QuantizedTensor, W8A8Tensor))
 
 
 _XLA = Ops()

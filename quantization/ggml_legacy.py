@@ -37,7 +37,7 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return ((codes[:, :HALF] & 0xF) | ((codes[:, HALF:] & 0xF) << 4)).astype(np.uint8)
 
 
-def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     """u8[n, 16] -> i32[n, 32], the inverse of `_pack_nibbles`."""
     qs = qs.astype(np.int32)
     return np.concatenate([qs & 0xF, qs >> 4], axis=1)
@@ -69,7 +69,7 @@ def quantize_q4_0(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
-    return (_unpack_nibbles(blocks["qs"]) - 8).astype(np.float32) * from_f16(blocks["d"])[:, None]
+    return (unpack_nibbles(blocks["qs"]) - 8).astype(np.float32) * from_f16(blocks["d"])[:, None]
 
 
 def quantize_q4_1(x: np.ndarray) -> np.ndarray:
@@ -82,7 +82,7 @@ def quantize_q4_1(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
-    codes = _unpack_nibbles(blocks["qs"]).astype(np.float32)
+    codes = unpack_nibbles(blocks["qs"]).astype(np.float32)
     return codes * from_f16(blocks["d"])[:, None] + from_f16(blocks["m"])[:, None]
 
 
@@ -95,7 +95,7 @@ def quantize_q5_0(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
-    codes = _unpack_nibbles(blocks["qs"]) | _unpack_fifth_bits(blocks["qh"])
+    codes = unpack_nibbles(blocks["qs"]) | _unpack_fifth_bits(blocks["qh"])
     return (codes - 16).astype(np.float32) * from_f16(blocks["d"])[:, None]
 
 
@@ -110,7 +110,7 @@ def quantize_q5_1(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
-    codes = (_unpack_nibbles(blocks["qs"]) | _unpack_fifth_bits(blocks["qh"])).astype(np.float32)
+    codes = (unpack_nibbles(blocks["qs"]) | _unpack_fifth_bits(blocks["qh"])).astype(np.float32)
     return codes * from_f16(blocks["d"])[:, None] + from_f16(blocks["m"])[:, None]
 
 

@@ -1,19 +1,21 @@
 """The quantized-weight leaf that the model's `linear` and `embed` ops accept in place of an array.
 
-    QuantizedTensor(values, scales, zeros=None, group_size=rows, bits=8)
-    dequantize()  ->  (codes - zeros) * scales, one scale (and zero) per group of `group_size` rows
+    QuantizedTensor(values, scales, zeros=None, group_size=rows, bits=8, mins=None)
+    dequantize()  ->  (codes - zeros) * scales     one scale (and zero) per group of `group_size` rows
+                      codes * scales + mins        with `mins` instead (llama.cpp's Q4_1 `d * q + m`)
 
 A weight `[rows, cols]` (`[in, out]` for a projection, `[vocab, hidden]` for an embedding table) is
-stored as integer codes plus per-group, per-column `scales` (and, for asymmetric schemes, `zeros`,
-in code units): groups run along the rows, so `group_size == rows` is per-output-channel
-quantization and `group_size == 32` is llama.cpp's block size. The last group may be shorter
-(SmolLM2's 576 rows in groups of 128: four full groups and one of 64). `bits=8`: `values` holds one
-int8 (symmetric) / uint8 (asymmetric) code per weight; `bits=4`: two codes per byte,
-`values` u8[ceil(rows / 2), cols], row 2i in the low nibble and row 2i + 1 in the high one (signed
-codes -8..7 two's-complement in the nibble when symmetric, 0..15 when asymmetric); an odd row count
-leaves the last high nibble unused and is recorded in `rows`.
+stored as integer codes plus per-group, per-column `scales`, and for asymmetric schemes either
+`zeros` (in code units, the GPTQ / AWQ convention) or `mins` (in weight units, llama.cpp's). Groups
+run along the rows, so `group_size == rows` is per-output-channel quantization and `group_size ==
+32` is llama.cpp's block size. The last group may be shorter (SmolLM2's 576 rows in groups of 128:
+four full groups and one of 64). `bits=8`: `values` holds one int8 (symmetric) / uint8
+(asymmetric) code per weight; `bits=4`: two codes per byte, `values` u8[ceil(rows / 2), cols], row
+2i in the low nibble and row 2i + 1 in the high one (signed codes -8..7 two's-complement in the
+nibble when symmetric, 0..15 when asymmetric); an odd row count leaves the last high nibble unused
+and is recorded in `rows`.
 
-It is a JAX pytree (codes, scales and zeros are leaves; `group_size` and `bits` are static), so a
+It is a JAX pytree (codes, scales, zeros and mins are leaves; `group_size` and `bits` are static), so a
 params tree holding it passes through `jax.jit` unchanged and quantizing a model is a tree map over
 its params (`quantization.quantize_params`): the model code never changes.
 """
@@ -34,12 +36,17 @@ def pack_int4(codes: jax.Array) -> jax.Array:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(jnp.uint8)
 
 
+def sign_extend_nibbles(nibbles: jax.Array) -> jax.Array:
+    """4-bit two's-complement nibbles (i32, 0..15) -> their signed values -8..7."""
+    return (nibbles ^ 8) - 8
+
+
 def unpack_int4(packed: jax.Array, signed: bool) -> jax.Array:
     """u8[ceil(rows / 2), cols] -> i32[2 * ceil(rows / 2), cols], the inverse of `pack_int4` (an odd
     row count's padding row included)."""
     packed = packed.astype(jnp.int32)
     nibbles = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1, packed.shape[1])
-    return (nibbles ^ 8) - 8 if signed else nibbles
+    return sign_extend_nibbles(nibbles) if signed else nibbles
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +58,7 @@ class QuantizedTensor:
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0: all rows
     bits: int = dataclasses.field(default=8, metadata=dict(static=True))  # 8, or 4 (packed)
     rows: int = dataclasses.field(default=0, metadata=dict(static=True))  # bits 4: the row count (0: even, 2 x packed)
+    mins: jax.Array | None = None  # like scales, in weight units, added (excludes zeros)
 
     def __post_init__(self) -> None:
         if not all(hasattr(a, "shape") for a in (self.values, self.scales)):
@@ -63,9 +71,13 @@ class QuantizedTensor:
         if tuple(self.scales.shape) != (groups, cols):
             raise ValueError(f"QuantizedTensor.scales must have shape {(groups, cols)} "
                              f"(groups of {group} rows x {cols} columns), got {tuple(self.scales.shape)}")
-        if self.zeros is not None and tuple(self.zeros.shape) != tuple(self.scales.shape):
-            raise ValueError(f"QuantizedTensor.zeros must match scales' shape {tuple(self.scales.shape)}, "
-                             f"got {tuple(self.zeros.shape)}")
+        for field in ("zeros", "mins"):
+            offset = getattr(self, field)
+            if offset is not None and tuple(offset.shape) != tuple(self.scales.shape):
+                raise ValueError(f"QuantizedTensor.{field} must match scales' shape {tuple(self.scales.shape)}, "
+                                 f"got {tuple(offset.shape)}")
+        if self.zeros is not None and self.mins is not None:
+            raise ValueError("QuantizedTensor takes zeros (code units) or mins (weight units), not both")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,7 +92,13 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes held: codes, scales and zeros."""
-        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.zeros) if a is not None)
+        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.zeros, self.mins)
+                   if a is not None)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the codes are signed (symmetric: no zeros and no mins)."""
+        return self.zeros is None and self.mins is None
 
     def _group(self) -> int:
         return self.group_size or self.shape[0]
@@ -88,7 +106,7 @@ class QuantizedTensor:
     def codes(self) -> jax.Array:
         """The integer codes, one per weight: i32[rows, cols]."""
         if self.bits == 4:
-            return unpack_int4(self.values, signed=self.zeros is None)[:self.shape[0]]
+            return unpack_int4(self.values, signed=self.signed)[:self.shape[0]]
         return self.values.astype(jnp.int32)
 
     def _per_row(self, per_group: jax.Array, rows: int) -> jax.Array:
@@ -102,7 +120,10 @@ class QuantizedTensor:
         codes = self.codes().astype(jnp.float32)
         if self.zeros is not None:
             codes = codes - self._per_row(self.zeros, rows)
-        return (codes * self._per_row(self.scales, rows)).astype(dtype)
+        weight = codes * self._per_row(self.scales, rows)
+        if self.mins is not None:
+            weight = weight + self._per_row(self.mins, rows)
+        return weight.astype(dtype)
 
     def take_rows(self, indices: jax.Array, dtype=None) -> jax.Array:
         """Rows `indices` (any shape) dequantized: an embedding lookup. f[*indices.shape, cols]."""
@@ -110,10 +131,13 @@ class QuantizedTensor:
         group_index = indices // self._group()
         if self.bits == 4:
             nibbles = (self.values[indices // 2].astype(jnp.int32) >> (4 * (indices % 2))[..., None]) & 0xF
-            codes = (nibbles ^ 8) - 8 if self.zeros is None else nibbles
+            codes = sign_extend_nibbles(nibbles) if self.signed else nibbles
         else:
             codes = self.values[indices].astype(jnp.int32)
         codes = codes.astype(jnp.float32)
         if self.zeros is not None:
             codes = codes - self.zeros[group_index].astype(jnp.float32)
-        return (codes * self.scales[group_index].astype(jnp.float32)).astype(dtype)
+        weight = codes * self.scales[group_index].astype(jnp.float32)
+        if self.mins is not None:
+            weight = weight + self.mins[group_index].astype(jnp.float32)
+        return weight.astype(dtype)
