@@ -1,10 +1,11 @@
 """Calibration for the quantization schemes that need activation statistics (SmoothQuant's smoothing,
-static per-tensor activation scales): run the unquantized model eagerly on calibration text and
-record, for every projection, the largest |x| each of its input channels sees.
+static per-tensor activation scales, GPTQ's Hessians, AWQ's salience): run the unquantized model
+eagerly on calibration text and record, for every projection, what its input saw
+(`quantization.ActivationStats`: per-channel absmax and mean |x|, and the Hessian x^T x on request).
 
 The text is ShareGPT prompts (`calibration_windows`), never the perplexity text. The recording
 is an ops set (the model's seam): its `linear` looks the weight up by identity in the params tree
-and updates that projection's running max, then multiplies as the xla set does. Eager on purpose:
+and merges that projection's statistics, then multiplies as the xla set does. Eager on purpose:
 the values are concrete, so the statistics are plain numpy.
 """
 
@@ -19,22 +20,24 @@ import models
 from experiments.datasets import sharegpt_pairs
 from models.llama import forward
 from models.ops import Ops
+from quantization.activation_stats import ActivationStats
 from quantization.schemes import PROJECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class RecordingOps(Ops):
-    """The xla ops, with a `linear` that records each named weight's input absmax per channel."""
+    """The xla ops, with a `linear` that records each named weight's input statistics."""
 
     name: str = "recording"
     names: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # id(weight) -> key
-    absmax: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # key -> f32[in]
+    stats: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # key -> ActivationStats
+    hessian: bool = False
 
     def linear(self, x, weight):
         key = self.names.get(id(weight))
         if key is not None:
-            seen = np.abs(np.asarray(x, np.float32)).reshape(-1, x.shape[-1]).max(axis=0)
-            self.absmax[key] = np.maximum(self.absmax.get(key, seen), seen)
+            seen = ActivationStats.of(x, hessian=self.hessian)
+            self.stats[key] = self.stats[key].merged(seen) if key in self.stats else seen
         return super().linear(x, weight)
 
 
@@ -51,16 +54,17 @@ def calibration_windows(model: models.Model, num_windows: int, window: int = 256
     return np.asarray(ids[:num_windows * window], np.int32).reshape(num_windows, window)
 
 
-def activation_absmax(model: models.Model, tokens) -> dict[str, np.ndarray]:
-    """{"layers.{i}.{name}": f32[in]}: each projection input's max |x| per channel over every token
-    of `tokens` i32[batch, length] (one eager forward pass, each row a sequence of its own)."""
+def activation_stats(model: models.Model, tokens, hessian: bool = False) -> dict[str, ActivationStats]:
+    """{"layers.{i}.{name}": ActivationStats}: what each projection's input saw over every token of
+    `tokens` i32[batch, length] (one eager forward pass, each row a sequence of its own); with
+    `hessian`, also x^T x (GPTQ, AWQ)."""
     names = {id(layer[key]): f"layers.{i}.{key}" for i, layer in enumerate(model.params["layers"])
              for key in PROJECTIONS if key in layer}
-    ops = RecordingOps(names=names)
+    ops = RecordingOps(names=names, hessian=hessian)
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     forward(model.params, tokens, positions, config=model.config, ops=ops)
-    missing = sorted(set(names.values()) - set(ops.absmax))
+    missing = sorted(set(names.values()) - set(ops.stats))
     if missing:
         raise RuntimeError(f"calibration saw no input for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
-    return {key: jnp.asarray(value) for key, value in ops.absmax.items()}
+    return ops.stats

@@ -6,8 +6,9 @@ measured for size, accuracy and speed side by side.
 - accuracy: `perplexity` on gensim's lee_background.cor (the same `perplexity_windows` windows of
   `window` tokens for every scheme, llama.cpp's `perplexity` rule), and the logits of the first
   window against the unquantized model's: max / mean absolute error, top-1 agreement;
-- calibration (SmoothQuant smoothing, static activation scales): `calibration_windows` windows of
-  256 tokens of ShareGPT prompts through the unquantized model (`quant_calibration.py`);
+- calibration (SmoothQuant smoothing, static activation scales, GPTQ / AWQ Hessians):
+  `calibration_windows` windows of 256 tokens of ShareGPT prompts through the unquantized model
+  (`quant_calibration.py`);
 - speed (weight-only and W8A8 schemes and `none`; the model runs on their leaves): decode
   tokens/s at batch 1 and 64 (one step, 256-token contexts, pages scattered) and prompt tokens/s
   (one `prompt_len` prefill step), medians of `iterations` steps after two warm-up steps. Block
@@ -30,13 +31,13 @@ from continuous_batching.request import Sequence
 from experiments.datasets import lee_background_text
 from experiments.decode_step import scattered_runner
 from experiments.perplexity import perplexity
-from experiments.quant_calibration import activation_absmax, calibration_windows
+from experiments.quant_calibration import activation_stats, calibration_windows
 from experiments.roofline import median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
 from quantization.ggml_params import round_through_blocks
 from quantization.quantized_tensor import QuantizedTensor
-from quantization.scheme_names import BLOCK_FORMAT_NAMES, CALIBRATED_SCHEMES
+from quantization.scheme_names import BLOCK_FORMAT_NAMES, CALIBRATED_SCHEMES, HESSIAN_SCHEMES
 from quantization.schemes import PROJECTIONS, quantize_params
 from quantization.w8a8 import W8A8Tensor
 
@@ -86,7 +87,8 @@ class QuantEvalEngine:
         else:
             calibration = None
             if scheme in CALIBRATED_SCHEMES:  # ShareGPT prompts through the unquantized model
-                calibration = activation_absmax(model, calibration_windows(model, run_config.calibration_windows))
+                calibration = activation_stats(model, calibration_windows(model, run_config.calibration_windows),
+                                               hessian=scheme in HESSIAN_SCHEMES)
             self.model = dataclasses.replace(model, params=quantize_params(model.params, scheme, calibration))
             self.bits_per_weight = projection_bits(self.model.params)
             self.model_bytes = tree_bytes(self.model.params)

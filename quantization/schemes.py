@@ -10,6 +10,9 @@ Scheme names (`parse_scheme`):
     w8a8, w8a8-smooth, w8a8-tensor, w8a8-tensor-smooth
                           int8 x int8 matmuls (`quantization/w8a8.py`): per-token or static
                           per-tensor activation scales, with or without SmoothQuant smoothing
+    gptq-int4-g{32,64,128}[-act]   GPTQ (`quantization/gptq.py`), symmetric int4 groups
+    awq-int4-g{32,64,128}     AWQ (`quantization/awq.py`), asymmetric int4 groups, scales folded
+                          into the norms (the one scheme that changes non-projection leaves)
 
 The seven projections of every layer (and the fused `wqkv` / `w_gate_up` when present) become
 `QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head
@@ -23,7 +26,9 @@ import dataclasses
 import re
 
 from quantization.quantized_tensor import QuantizedTensor
-from quantization.scheme_names import CALIBRATED_SCHEMES, SCHEME_NAMES, W8A8_SCHEMES
+from quantization.awq import awq_params
+from quantization.gptq import gptq_quantize
+from quantization.scheme_names import AWQ_SCHEMES, CALIBRATED_SCHEMES, GPTQ_SCHEMES, HESSIAN_SCHEMES, SCHEME_NAMES, W8A8_SCHEMES
 from quantization.w8a8 import W8A8Tensor, quantize_w8a8
 from quantization.weight_only import quantize_weight
 
@@ -51,12 +56,18 @@ def parse_scheme(name: str) -> WeightOnlyScheme | str | None:
         raise ValueError(f"quantization must be one of {list(SCHEME_NAMES)}, got {name!r}")
     if name == "none" or name in W8A8_SCHEMES:
         return None if name == "none" else name
+    if name in HESSIAN_SCHEMES:
+        return WeightOnlyScheme(4, int(re.search(r"-g(\d+)", name)[1]), name in GPTQ_SCHEMES)
     match = re.fullmatch(r"int(8|4)(?:-g(\d+))?(-asym)?", name)
     return WeightOnlyScheme(int(match[1]), int(match[2] or 0), match[3] is None)
 
 
 def _quantizer(scheme: str, settings, calibration):
     """(layer index, projection name, weight) -> its quantized leaf."""
+    if scheme in GPTQ_SCHEMES:
+        return lambda index, name, w: gptq_quantize(w, _stats(calibration, index, name).hessian, settings.bits,
+                                                     settings.group_size, settings.symmetric,
+                                                     act_order=scheme.endswith("-act"))
     if isinstance(settings, WeightOnlyScheme):
         return lambda index, name, w: quantize_weight(w, settings.bits, settings.group_size, settings.symmetric,
                                                       scale_dtype=w.dtype)
@@ -64,26 +75,32 @@ def _quantizer(scheme: str, settings, calibration):
     per_tensor = scheme.startswith("w8a8-tensor")
 
     def quantize(index, name, w):
-        key = f"layers.{index}.{name}"
-        if calibration is not None and key not in calibration:
-            raise ValueError(f"calibration has no activation statistics for {key}")
-        return quantize_w8a8(w, None if calibration is None else calibration[key],
+        return quantize_w8a8(w, None if calibration is None else _stats(calibration, index, name).absmax,
                              smooth_alpha=smooth_alpha, per_tensor=per_tensor)
     return quantize
 
 
+def _stats(calibration: dict, index: int, name: str):
+    key = f"layers.{index}.{name}"
+    if key not in calibration:
+        raise ValueError(f"calibration has no activation statistics for {key}")
+    return calibration[key]
+
+
 def quantize_params(params: dict, scheme: str, calibration: dict | None = None) -> dict:
     """params with every layer's projections quantized by `scheme` (see the module docstring).
-    `calibration`: for the calibrated schemes (`CALIBRATED_SCHEMES`), each projection's input
-    absmax per channel, `{"layers.{i}.{name}": f32[in]}` (experiments/quant_calibration.py collects
-    it); the other schemes take none."""
+    `calibration`: for the calibrated schemes (`CALIBRATED_SCHEMES`), what each projection's input
+    saw, `{"layers.{i}.{name}": ActivationStats}` (experiments/quant_calibration.py collects it,
+    with Hessians for `HESSIAN_SCHEMES`); the other schemes take none."""
     settings = parse_scheme(scheme)
     if scheme in CALIBRATED_SCHEMES and calibration is None:
-        raise ValueError(f"quantization {scheme!r} needs calibration: each projection input's absmax per channel")
+        raise ValueError(f"quantization {scheme!r} needs calibration: each projection input's statistics")
     if scheme not in CALIBRATED_SCHEMES and calibration is not None:
         raise ValueError(f"quantization {scheme!r} takes no calibration data")
     if settings is None:
         return params
+    if scheme in AWQ_SCHEMES:
+        return awq_params(params, calibration, settings.bits, settings.group_size, settings.symmetric)
     quantize = _quantizer(scheme, settings, calibration)
     layers = []
     for index, layer in enumerate(params["layers"]):

@@ -28,6 +28,25 @@ def _grouped(weight: jax.Array, group: int) -> jax.Array:
     return padded.reshape(groups, group, cols)
 
 
+def group_scales_zeros(grouped, bits: int, symmetric: bool, xp=jnp):
+    """f32[..., group, cols] -> (scales, zeros) f32[..., cols] per the conventions above (zeros None
+    when symmetric; integer-valued otherwise). `xp`: jax.numpy or numpy (GPTQ's host-side pass)."""
+    if symmetric:
+        return xp.abs(grouped).max(axis=-2) / (2 ** (bits - 1) - 1), None
+    lo, hi = xp.minimum(grouped.min(axis=-2), 0.0), xp.maximum(grouped.max(axis=-2), 0.0)
+    scales = (hi - lo) / (2 ** bits - 1)
+    return scales, xp.round(-lo / xp.where(scales > 0, scales, 1.0))
+
+
+def round_to_codes(w, scales, zeros, bits: int, xp=jnp):
+    """w [..., cols] with the scales (and zeros) broadcast against it -> integer codes (float-valued)."""
+    safe = xp.where(scales > 0, scales, 1.0)
+    if zeros is None:
+        qmax = 2 ** (bits - 1) - 1
+        return xp.clip(xp.round(w / safe), -qmax - 1, qmax)
+    return xp.clip(xp.round(w / safe) + zeros, 0, 2 ** bits - 1)
+
+
 def quantize_weight(weight: jax.Array, bits: int, group_size: int = 0, symmetric: bool = True,
                     scale_dtype=jnp.float32) -> QuantizedTensor:
     """weight [rows, cols] -> QuantizedTensor with `bits`-bit codes, one scale per `group_size` rows
@@ -37,19 +56,8 @@ def quantize_weight(weight: jax.Array, bits: int, group_size: int = 0, symmetric
     rows, cols = weight.shape
     group = group_size or rows
     grouped = _grouped(weight, group)  # f32[groups, group, cols]
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scales = jnp.abs(grouped).max(axis=1) / qmax  # f32[groups, cols]
-        safe = jnp.where(scales > 0, scales, 1.0)
-        codes = jnp.clip(jnp.round(grouped / safe[:, None]), -qmax - 1, qmax)
-        zeros = None
-    else:
-        levels = 2 ** bits - 1
-        lo, hi = jnp.minimum(grouped.min(axis=1), 0.0), jnp.maximum(grouped.max(axis=1), 0.0)
-        scales = (hi - lo) / levels
-        safe = jnp.where(scales > 0, scales, 1.0)
-        zeros = jnp.round(-lo / safe)  # f32[groups, cols], integer-valued in [0, levels]
-        codes = jnp.clip(jnp.round(grouped / safe[:, None]) + zeros[:, None], 0, levels)
+    scales, zeros = group_scales_zeros(grouped, bits, symmetric)  # f32[groups, cols]
+    codes = round_to_codes(grouped, scales[:, None], None if zeros is None else zeros[:, None], bits)
     codes = codes.reshape(-1, cols)[:rows].astype(jnp.int32)
     if bits == 4:
         values = pack_int4(codes)

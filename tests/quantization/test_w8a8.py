@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.quant_calibration import activation_absmax
+from experiments.quant_calibration import activation_stats
 from models.llama import forward
 from models.ops import Ops
 from quantization.schemes import quantize_params
@@ -68,20 +68,24 @@ def test_per_tensor_scale_collapses_on_outlier_tokens_and_smoothing_rescues_it(r
 
 def test_calibration_records_each_projection_input(tiny_model):
     tokens = [[3, 17, 200, 5, 9, 44], [8, 8, 2, 1, 1, 7]]
-    stats = activation_absmax(tiny_model, tokens)
+    stats = activation_stats(tiny_model, tokens, hessian=True)
     params, config = tiny_model.params, tiny_model.config
     assert len(stats) == 7 * config.num_layers
     # layer 0's q/k/v input is the first RMSNorm of the embeddings, over both sequences' tokens
     hidden = params["embed"][jnp.asarray(tokens[0] + tokens[1])]
-    normed, _ = Ops().rms_norm(hidden, params["layers"][0]["attn_norm"], config.rms_norm_eps)
-    np.testing.assert_allclose(np.asarray(stats["layers.0.wq"]), np.abs(np.asarray(normed)).max(0), rtol=1e-6)
-    assert stats["layers.1.w_down"].shape == (config.intermediate_size,)
+    normed = np.asarray(Ops().rms_norm(hidden, params["layers"][0]["attn_norm"], config.rms_norm_eps)[0], np.float64)
+    q_input = stats["layers.0.wq"]
+    assert q_input.tokens == 12
+    np.testing.assert_allclose(q_input.absmax, np.abs(normed).max(0), rtol=1e-6)
+    np.testing.assert_allclose(q_input.mean_abs, np.abs(normed).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(q_input.hessian, normed.T @ normed, rtol=1e-5)
+    assert stats["layers.1.w_down"].absmax.shape == (config.intermediate_size,)
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w8a8-tensor-smooth"])  # per-token, and calibrated + smoothed
 def test_w8a8_schemes_run_the_model(tiny_model, scheme):
     tokens, positions = jnp.array([[3, 17, 200, 5, 9, 44, 81, 2]]), jnp.arange(8)[None]
-    calibration = None if scheme == "w8a8" else activation_absmax(tiny_model, [[3, 17, 200, 5, 9, 44, 81, 2, 7, 11]])
+    calibration = None if scheme == "w8a8" else activation_stats(tiny_model, [[3, 17, 200, 5, 9, 44, 81, 2, 7, 11]])
     params = quantize_params(tiny_model.params, scheme, calibration)
     assert isinstance(params["layers"][2]["w_up"], W8A8Tensor)
     run = jax.jit(lambda p: forward(p, tokens, positions, config=tiny_model.config)[0])
