@@ -7,9 +7,9 @@ kernels), so the weight is never written out whole in float.
 
 At decode a projection is a read of its weight: read as int8 it is 4x fewer bytes than f32, as int4
 8x fewer (plus one scale per group), and a kernel that widens each tile in registers keeps that
-ratio. Every `QuantizedTensor` layout runs here: int8 / int4 codes, symmetric, `zeros` (GPTQ / AWQ)
-or `mins` (llama.cpp's Q4_1 `d * q + m`; Q4_0 and Q8_0 are symmetric codes with a zero point of 8
-or none, see `quantization/ggml_tensor.py`), groups of 32 / 64 / 128 rows or one per column.
+ratio. Every `QuantizedTensor` layout runs here: int8 / int4 / FP8 codes, symmetric, `zeros` (GPTQ
+/ AWQ) or `mins` (llama.cpp's Q4_1 `d * q + m`; Q4_0 and Q8_0 are symmetric codes, see
+`quantization/ggml_tensor.py`), groups of 32 / 64 / 128 rows or one per column.
 
 Kernel design (Triton-lowered Pallas, tested in interpret mode on CPU): grid `(cdiv(tokens,
 block_rows), cols // block_cols)`; a program owns `block_rows` rows of x and `block_cols` output
@@ -74,7 +74,7 @@ def kernel_chunk(weight: QuantizedTensor) -> int:
     return largest_pow2_divisor(weight.group_size or weight.shape[0], 64 * 8 // weight.bits)
 
 
-def _kernel(*refs, block_k: int, group: int, bits: int, signed: bool, offset: str | None):
+def _kernel(*refs, block_k: int, group: int, bits: int, signed: bool, offset: str | None, float8: bool):
     """refs: the x planes (x, or its even and odd columns for int4), codes, scales, [zeros | mins], out."""
     planes = refs[:2] if bits == 4 else refs[:1]
     codes_ref, scales_ref = refs[len(planes)], refs[len(planes) + 1]
@@ -86,7 +86,8 @@ def _kernel(*refs, block_k: int, group: int, bits: int, signed: bool, offset: st
     def body(k, acc):
         group_row = pl.ds(k * block_k // group, 1)
         scale = scales_ref[group_row, :].astype(jnp.float32)  # f32[1, block_cols]
-        packed = codes_ref[pl.ds(k * chunk_rows, chunk_rows), :].astype(jnp.int32)  # [chunk_rows, block_cols]
+        packed = codes_ref[pl.ds(k * chunk_rows, chunk_rows), :]  # [chunk_rows, block_cols]
+        packed = packed.astype(jnp.float32 if float8 else jnp.int32)
         for plane, x_ref in enumerate(planes):
             codes = (packed >> (4 * plane)) & 0xF if bits == 4 else packed
             if bits == 4 and signed:
@@ -132,7 +133,7 @@ def dequant_matmul(x: jax.Array, weight: QuantizedTensor, *, interpret: bool = F
     in_specs = [plane_spec] * len(planes) + [codes_spec] + [group_spec] * (len(operands) - len(planes) - 1)
     out = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, group=weight.group_size or rows, bits=weight.bits,
-                          signed=weight.signed, offset=offset),
+                          signed=weight.signed, offset=offset, float8=weight.is_float8),
         grid=(padded // block_rows, cols // block_cols),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j)),

@@ -10,10 +10,10 @@ stored as integer codes plus per-group, per-column `scales`, and for asymmetric 
 run along the rows, so `group_size == rows` is per-output-channel quantization and `group_size ==
 32` is llama.cpp's block size. The last group may be shorter (SmolLM2's 576 rows in groups of 128:
 four full groups and one of 64). `bits=8`: `values` holds one int8 (symmetric) / uint8
-(asymmetric) code per weight; `bits=4`: two codes per byte, `values` u8[ceil(rows / 2), cols], row
-2i in the low nibble and row 2i + 1 in the high one (signed codes -8..7 two's-complement in the
-nibble when symmetric, 0..15 when asymmetric); an odd row count leaves the last high nibble unused
-and is recorded in `rows`.
+(asymmetric) code per weight, or one FP8 E4M3 value (float8_e4m3fn, `quantization/fp8.py`);
+`bits=4`: two codes per byte, `values` u8[ceil(rows / 2), cols], row 2i in the low nibble and row
+2i + 1 in the high one (signed codes -8..7 two's-complement in the nibble when symmetric, 0..15
+when asymmetric); an odd row count leaves the last high nibble unused and is recorded in `rows`.
 
 It is a JAX pytree (codes, scales, zeros and mins are leaves; `group_size` and `bits` are static), so a
 params tree holding it passes through `jax.jit` unchanged and quantizing a model is a tree map over
@@ -103,11 +103,16 @@ class QuantizedTensor:
     def _group(self) -> int:
         return self.group_size or self.shape[0]
 
+    @property
+    def is_float8(self) -> bool:
+        """Whether the codes are FP8 values (`quantization/fp8.py`) rather than integers."""
+        return jnp.issubdtype(self.values.dtype, jnp.floating)
+
     def codes(self) -> jax.Array:
-        """The integer codes, one per weight: i32[rows, cols]."""
+        """The codes, one per weight: i32[rows, cols] (f32 for FP8 codes)."""
         if self.bits == 4:
             return unpack_int4(self.values, signed=self.signed)[:self.shape[0]]
-        return self.values.astype(jnp.int32)
+        return self.values.astype(jnp.float32 if self.is_float8 else jnp.int32)
 
     def _per_row(self, per_group: jax.Array, rows: int) -> jax.Array:
         """f32[groups, cols] -> f32[rows, cols], each group's row repeated over its rows."""
@@ -133,7 +138,7 @@ class QuantizedTensor:
             nibbles = (self.values[indices // 2].astype(jnp.int32) >> (4 * (indices % 2))[..., None]) & 0xF
             codes = sign_extend_nibbles(nibbles) if self.signed else nibbles
         else:
-            codes = self.values[indices].astype(jnp.int32)
+            codes = self.values[indices]
         codes = codes.astype(jnp.float32)
         if self.zeros is not None:
             codes = codes - self.zeros[group_index].astype(jnp.float32)

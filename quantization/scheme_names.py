@@ -12,6 +12,7 @@ before any model loads).
                               the calibration Hessian; -act visits rows by activation order
     awq-int4-g{32,64,128}     AWQ: activation-aware per-channel scales folded into the norms,
                               then int4 groups with a zero point
+    fp8-e4m3, fp8-e4m3-tensor FP8 E4M3 weights, one scale per output channel / per tensor
     Q4_0 ... Q6_K             llama.cpp block formats (`quantization/ggml_formats.py`)
 """
 
@@ -25,6 +26,7 @@ AWQ_SCHEMES = tuple(f"awq-int4-g{g}" for g in GROUP_SIZES)
 HESSIAN_SCHEMES = (*GPTQ_SCHEMES, *AWQ_SCHEMES)  # calibrate with x^T x per projection
 # need activation statistics
 CALIBRATED_SCHEMES = ("w8a8-smooth", "w8a8-tensor", "w8a8-tensor-smooth", *HESSIAN_SCHEMES)
-SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES, *W8A8_SCHEMES, *HESSIAN_SCHEMES)
+FP8_SCHEMES = ("fp8-e4m3", "fp8-e4m3-tensor")
+SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES, *W8A8_SCHEMES, *HESSIAN_SCHEMES, *FP8_SCHEMES)
 BLOCK_FORMAT_NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 QUANTIZATIONS = (*SCHEME_NAMES, *BLOCK_FORMAT_NAMES)

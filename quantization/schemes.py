@@ -13,6 +13,7 @@ Scheme names (`parse_scheme`):
     gptq-int4-g{32,64,128}[-act]   GPTQ (`quantization/gptq.py`), symmetric int4 groups
     awq-int4-g{32,64,128}     AWQ (`quantization/awq.py`), asymmetric int4 groups, scales folded
                           into the norms (the one scheme that changes non-projection leaves)
+    fp8-e4m3, fp8-e4m3-tensor FP8 E4M3 weights (`quantization/fp8.py`), per-channel / per-tensor scales
 
 The seven projections of every layer (and the fused `wqkv` / `w_gate_up` when present) become
 `QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head
@@ -27,8 +28,10 @@ import re
 
 from quantization.quantized_tensor import QuantizedTensor
 from quantization.awq import awq_params
+from quantization.fp8 import quantize_fp8
 from quantization.gptq import gptq_quantize
-from quantization.scheme_names import AWQ_SCHEMES, CALIBRATED_SCHEMES, GPTQ_SCHEMES, HESSIAN_SCHEMES, SCHEME_NAMES, W8A8_SCHEMES
+from quantization.scheme_names import (AWQ_SCHEMES, CALIBRATED_SCHEMES, FP8_SCHEMES, GPTQ_SCHEMES, HESSIAN_SCHEMES,
+                                       SCHEME_NAMES, W8A8_SCHEMES)
 from quantization.w8a8 import W8A8Tensor, quantize_w8a8
 from quantization.weight_only import quantize_weight
 
@@ -50,11 +53,11 @@ class WeightOnlyScheme:
 
 
 def parse_scheme(name: str) -> WeightOnlyScheme | str | None:
-    """A scheme name -> its settings (None for `none`, the name itself for a W8A8 scheme); a clear
-    error naming the allowed names."""
+    """A scheme name -> its settings (None for `none`, the name itself for a W8A8 or FP8 scheme); a
+    clear error naming the allowed names."""
     if name not in SCHEME_NAMES:
         raise ValueError(f"quantization must be one of {list(SCHEME_NAMES)}, got {name!r}")
-    if name == "none" or name in W8A8_SCHEMES:
+    if name == "none" or name in W8A8_SCHEMES or name in FP8_SCHEMES:
         return None if name == "none" else name
     if name in HESSIAN_SCHEMES:
         return WeightOnlyScheme(4, int(re.search(r"-g(\d+)", name)[1]), name in GPTQ_SCHEMES)
@@ -64,6 +67,8 @@ def parse_scheme(name: str) -> WeightOnlyScheme | str | None:
 
 def _quantizer(scheme: str, settings, calibration):
     """(layer index, projection name, weight) -> its quantized leaf."""
+    if scheme in FP8_SCHEMES:
+        return lambda index, name, w: quantize_fp8(w, per_channel=scheme == "fp8-e4m3", scale_dtype=w.dtype)
     if scheme in GPTQ_SCHEMES:
         return lambda index, name, w: gptq_quantize(w, _stats(calibration, index, name).hessian, settings.bits,
                                                      settings.group_size, settings.symmetric,

@@ -12,6 +12,7 @@ import pytest
 from models.config import ModelConfig
 from models.llama import forward, init_params
 from quantization.dequant_matmul import dequant_matmul, dequant_matmul_reference, kernel_chunk
+from quantization.fp8 import quantize_fp8
 from quantization.ggml_tensor import quantize_to_tensor
 from quantization.schemes import quantize_params
 from quantization.weight_only import quantize_weight
@@ -30,6 +31,7 @@ LAYOUTS = {
     "Q4_0": lambda w: quantize_to_tensor(w, "Q4_0"),
     "Q4_1": lambda w: quantize_to_tensor(w, "Q4_1"),  # mins
     "Q8_0": lambda w: quantize_to_tensor(w, "Q8_0"),
+    "fp8-e4m3": lambda w: quantize_fp8(w),
 }
 
 
@@ -59,7 +61,7 @@ def test_chunks_stay_inside_one_group():
     assert kernel_chunk(quantize_weight(w, 4, 64)) == 64
 
 
-@pytest.mark.parametrize("layout", ["int8", "int4-g64-asym", "Q4_1"])
+@pytest.mark.parametrize("layout", ["int8", "int4-g64-asym", "Q4_1", "fp8-e4m3"])
 def test_lowers_to_triton_for_cuda(layout):
     """Cross-lowering for CUDA on this CPU machine runs Pallas's Triton lowering rules."""
     weight = LAYOUTS[layout](jnp.zeros((576, 1536)))
