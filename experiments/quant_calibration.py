@@ -32,11 +32,14 @@ class RecordingOps(Ops):
     names: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # id(weight) -> key
     stats: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # key -> ActivationStats
     hessian: bool = False
+    last: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the last input and its stats
 
     def linear(self, x, weight):
         key = self.names.get(id(weight))
         if key is not None:
-            seen = ActivationStats.of(x, hessian=self.hessian)
+            if self.last.get("x") is not x:  # q, k and v (gate and up) read one input: its stats once
+                self.last.update(x=x, stats=ActivationStats.of(x, hessian=self.hessian))
+            seen = self.last["stats"]
             self.stats[key] = self.stats[key].merged(seen) if key in self.stats else seen
         return super().linear(x, weight)
 

@@ -35,11 +35,9 @@ from experiments.quant_calibration import activation_stats, calibration_windows
 from experiments.roofline import median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
-from quantization.ggml_params import round_through_blocks
-from quantization.quantized_tensor import QuantizedTensor
+from quantization.ggml_params import blocks_as_tensors, round_through_blocks
 from quantization.scheme_names import BLOCK_FORMAT_NAMES, CALIBRATED_SCHEMES, HESSIAN_SCHEMES
 from quantization.schemes import PROJECTIONS, quantize_params
-from quantization.w8a8 import W8A8Tensor
 
 DECODE_BATCHES = (1, 64)
 
@@ -58,15 +56,8 @@ def tree_bytes(tree) -> int:
 
 def projection_bits(params: dict) -> float:
     """Stored bits per weight over the layers' projection matrices."""
-    stored = weights = 0
-    for layer in params["layers"]:
-        for key in PROJECTIONS:
-            if key in layer:
-                leaf = layer[key]
-                quantized = isinstance(leaf, (QuantizedTensor, W8A8Tensor))
-                stored += leaf.nbytes if quantized else leaf.size * leaf.dtype.itemsize
-                weights += int(np.prod(leaf.shape))
-    return 8 * stored / weights
+    leaves = [layer[key] for layer in params["layers"] for key in PROJECTIONS if key in layer]
+    return 8 * tree_bytes(leaves) / sum(int(np.prod(leaf.shape)) for leaf in leaves)
 
 
 class QuantEvalEngine:
@@ -76,11 +67,12 @@ class QuantEvalEngine:
         del requests  # the text and the shapes come from the run config
         self.run_config, self.base = run_config, model
         scheme = run_config.quantization
-        if scheme in BLOCK_FORMAT_NAMES:
+        kept = blocks_as_tensors(model.params, scheme) if scheme in BLOCK_FORMAT_NAMES else None
+        if scheme in BLOCK_FORMAT_NAMES and kept is None:  # rounded through the blocks, run dequantized
             params, blocks = round_through_blocks(model.params, scheme)
             self.model = dataclasses.replace(model, params=params)
-            float_bytes = tree_bytes(model.params) - sum(
-                layer[k].size * layer[k].dtype.itemsize for layer in model.params["layers"] for k in PROJECTIONS if k in layer)
+            float_bytes = tree_bytes(model.params) - tree_bytes([layer[k] for layer in model.params["layers"]
+                                                                 for k in PROJECTIONS if k in layer])
             self.bits_per_weight = 8 * blocks["bytes"] / blocks["weights"]
             self.model_bytes = float_bytes + blocks["bytes"]
             self.formats = dict(blocks["formats"])
@@ -89,11 +81,13 @@ class QuantEvalEngine:
             if scheme in CALIBRATED_SCHEMES:  # ShareGPT prompts through the unquantized model
                 calibration = activation_stats(model, calibration_windows(model, run_config.calibration_windows),
                                                hessian=scheme in HESSIAN_SCHEMES)
-            self.model = dataclasses.replace(model, params=quantize_params(model.params, scheme, calibration))
+            params = kept if kept is not None else quantize_params(model.params, scheme, calibration)
+            self.model = dataclasses.replace(model, params=params)
             self.bits_per_weight = projection_bits(self.model.params)
             self.model_bytes = tree_bytes(self.model.params)
-            self.formats = None
-        self.timed = scheme not in BLOCK_FORMAT_NAMES
+            self.formats = None if kept is None else {scheme: sum(
+                k in layer for layer in params["layers"] for k in PROJECTIONS)}
+        self.timed = scheme not in BLOCK_FORMAT_NAMES or kept is not None
 
     def warmup(self) -> None:
         pass  # each measurement warms itself up

@@ -4,8 +4,10 @@
 `llama-quantize --pure` would (blocks along each weight's input dimension, which is a GGUF row; a
 format that cannot cut a row falls back as llama.cpp does: Q4_K -> Q5_0, Q6_K -> Q8_0 for 576-wide
 rows; rows no format divides stay in F16) and returns them dequantized to f32: the weights llama.cpp computes with, in a params tree
-the unchanged model runs. The model does not (yet) run on the blocks themselves, so this measures
-accuracy and size, not speed. Norms and the embedding table stay as they are (like `quantize_params`).
+the unchanged model runs: accuracy and size for every format. `blocks_as_tensors` keeps the
+formats a QuantizedTensor holds exactly (Q4_0, Q4_1, Q8_0; `ggml_tensor.py`) as blocks instead, so
+the model runs on them (same weights, and speed too). Norms and the embedding table stay as they
+are (like `quantize_params`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quantization.ggml_formats import dequantize_blocks, format_for_rows, quantize_blocks
+from quantization.ggml_legacy import BLOCK
+from quantization.ggml_tensor import TENSOR_FORMATS, quantize_to_tensor
 from quantization.schemes import PROJECTIONS
 
 
@@ -47,3 +51,14 @@ def round_through_blocks(params: dict, name: str) -> tuple[dict, dict]:
                 layer[key] = jnp.asarray(rounded, layer[key].dtype)
         layers.append(layer)
     return {**params, "layers": layers}, summary
+
+
+def blocks_as_tensors(params: dict, name: str) -> dict | None:
+    """params with every projection quantized to format `name` and kept as its blocks (a
+    QuantizedTensor with the same bytes); None when `name` has no QuantizedTensor form or a
+    projection's input rows do not cut into 32-weight blocks (llama.cpp would fall back to F16)."""
+    layers = params["layers"]
+    if name not in TENSOR_FORMATS or any(layer[k].shape[0] % BLOCK for layer in layers for k in PROJECTIONS if k in layer):
+        return None
+    return {**params, "layers": [{**layer, **{k: quantize_to_tensor(layer[k], name) for k in PROJECTIONS if k in layer}}
+                                 for layer in layers]}
