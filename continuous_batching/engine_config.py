@@ -13,7 +13,7 @@ Each technique is a setting of its own, and the four named policies are presets 
     backend          the attention path: paged_cpu (XLA on CPU) | paged (Pallas) | paged_reference (jnp)
     kernels          the model's ops set (`models/ops.py`): unfused (one program per op) | xla (one
                      program per step) | pallas (fused kernels), or an Ops instance
-    kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16
+    kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 (FP8, unscaled)
     mesh             None, or a jax.sharding.Mesh to run on (params, cache and inputs replicated)
 
     policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
@@ -31,7 +31,7 @@ from continuous_batching.sampling_params import check_known_keys
 from continuous_batching.scheduler import PREEMPTION_MODES
 from paged_attention.backend_names import PAGED_BACKENDS
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3")
 KERNEL_SETS = ("unfused", "xla", "pallas")  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
 ADMISSIONS = ("batch", "iteration")
 KV_MEMORIES = ("reserved", "paged")
@@ -85,7 +85,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     backend: str = "paged_cpu"  # models.attention backend: paged_cpu (XLA CPU decode), paged (Pallas), paged_reference
     kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 

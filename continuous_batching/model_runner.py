@@ -34,7 +34,8 @@ from models.llama import forward
 from models.ops import Ops, get_ops
 from continuous_batching.step_shapes import ShapeSet, StepShape
 from paged_attention.buckets import pow2_at_least, two_per_octave
-from paged_attention.kv_cache import copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks, swap_out_blocks
+from paged_attention.kv_cache import (cache_dtype, copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks,
+                                      swap_out_blocks)
 from paged_attention.metadata import PagedMetadata
 
 MIN_SEQ_BUCKET = 4
@@ -85,7 +86,7 @@ class PagedModelRunner:
     that swapped-out blocks wait in, and the jitted step.
 
     kernels: the ops set (`models.ops`) by name or instance. kv_cache_dtype: the cache's dtype
-    ("auto": the model's). mesh: a `jax.sharding.Mesh` to place params, cache and every step's
+    ("auto": the model's; "fp8_e4m3": FP8, `paged_attention.kv_cache`). mesh: a `jax.sharding.Mesh` to place params, cache and every step's
     inputs on (None: the default device); `param_sharding` (a sharding or a pytree of them matching
     the params) and `kv_sharding` override the default, replicated over the mesh."""
 
@@ -101,7 +102,7 @@ class PagedModelRunner:
         self.input_sharding = replicated
         self.params = jax.device_put(self.ops.prepare_params(model.params), param_sharding or replicated)
         cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                                    config.head_dim, model.dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+                                    config.head_dim, cache_dtype(kv_cache_dtype, model.dtype))
         if mesh is not None or kv_sharding is not None:
             cache = jax.device_put(cache, kv_sharding or replicated)
         self.kv_cache = cache

@@ -103,7 +103,9 @@ def _kernel(x_ref, w_ref, cos_ref, sin_ref, slot_ref, k_in, v_in, q_ref, k_ref, 
     slots = jnp.where(slots < 0, k_ref.shape[1], slots)  # out of range and masked: never written
 
     def scatter(cache_ref, head, first, second):  # each row to its slot
+        limit = float(jnp.finfo(cache_ref.dtype).max)  # an FP8 cache saturates instead of overflowing to NaN
         for start, part in ((0, first), (half, second)):
+            part = jnp.clip(part, -limit, limit) if jnp.finfo(cache_ref.dtype).bits == 8 else part
             pltriton.store(cache_ref.at[head, slots, start + cols], part.astype(cache_ref.dtype), mask=write)
 
     @pl.when((j >= num_heads) & (j < num_heads + num_kv_heads))

@@ -296,14 +296,15 @@ Image("docs/results/fusion/throughput_latency.png")"""),
 
 
 QUANTIZATION = [
-    ("md", """# Quantization: llama.cpp's block formats bit-exact, weight-only int8 / int4, W8A8, and what each costs
+    ("md", """# Quantization: llama.cpp's block formats bit-exact, weight-only int8 / int4, W8A8, GPTQ, AWQ, and what each costs
 
 `quantization/` maps a model's params to quantized leaves and leaves the model code alone. This
 notebook quantizes a real SmolLM2 weight with every llama.cpp block format (byte for byte what
 llama.cpp writes), shows weight-only int8 / int4 with a ragged last group, shows why a static
 per-tensor activation scale collapses where per-token scales and SmoothQuant's smoothing hold, runs
-the model on quantized params, and reads the measured table from the committed results file
-(`python -m experiments.run experiments/configs/quantization.yaml`)."""),
+the model on quantized params, compares GPTQ and AWQ with plain rounding on a real projection, runs
+the dequant-matmul kernel on the shipped Q4_1 blocks, and reads the measured table from the
+committed results file (`python -m experiments.run experiments/configs/quantization.yaml`)."""),
     ("code", """import json
 import gguf
 import jax
@@ -366,7 +367,7 @@ print(jax.jit(lambda x, q: q.matmul(x)).lower(x, quantize_w8a8(w_gate)).compile(
       "<- the compiled matmul multiplies int8 operands")"""),
     ("md", """## 4. The model, unchanged, on quantized params
 `quantize_params(params, scheme)` swaps the projections for quantized leaves; the model's `linear`
-op takes them as they are (here the tiny test model; the real model's numbers are in section 5)."""),
+op takes them as they are (here the tiny test model; the real model's numbers are in section 7)."""),
     ("code", """from models.llama import forward
 from quantization.schemes import quantize_params
 
@@ -376,9 +377,43 @@ run = jax.jit(lambda p: forward(p, tokens, positions, config=tiny.config)[0])
 base = run(tiny.params)
 for scheme in ("int8", "int4-g32", "w8a8"):
     print(f"{scheme:9s} mean |logit error| {float(jnp.abs(run(quantize_params(tiny.params, scheme)) - base).mean()):.4f}")"""),
-    ("md", """## 5. The measured table (real SmolLM2-135M, from the committed results file)
+    ("md", """## 5. GPTQ and AWQ on a real projection, calibrated on ShareGPT prompts
+Calibration runs ShareGPT prompt windows through the unquantized model and records each projection
+input's statistics, the Hessian x^T x among them. GPTQ pushes each row's rounding error onto the
+rows not yet rounded; AWQ scales salient input channels up before rounding. Both are judged on
+held-out prompt tokens by the output error they cause, the sum over tokens of ||x dW||^2."""),
+    ("code", """from experiments.quant_calibration import activation_stats, calibration_windows
+from quantization.awq import search_scales
+from quantization.gptq import gptq_quantize
+
+smollm2 = models.load("smollm2-135m")
+windows = calibration_windows(smollm2, 4)
+calibration = activation_stats(smollm2, windows[:2], hessian=True)["layers.3.w_down"]
+held_out = activation_stats(smollm2, windows[2:], hessian=True)["layers.3.w_down"]
+w_down = smollm2.params["layers"][3]["w_down"]  # [in 1536, out 576]
+error = lambda q, s=1.0: held_out.output_error(np.asarray(q.dequantize(jnp.float32), np.float64) / s - np.asarray(w_down))
+s, alpha = search_scales([w_down], calibration, 4, 128, symmetric=False)
+errors = {"round to nearest, int4 g128 sym": error(quantize_weight(w_down, 4, 128)),
+          "GPTQ, int4 g128 sym": error(gptq_quantize(w_down, calibration.hessian, 4, 128)),
+          "round to nearest, int4 g128 asym": error(quantize_weight(w_down, 4, 128, False)),
+          f"AWQ (alpha {alpha}), int4 g128 asym": error(quantize_weight(w_down * s[:, None], 4, 128, False), s[:, None])}
+for name, value in errors.items():
+    print(f"{name:34s} held-out output error {value:10.1f}")"""),
+    ("md", """## 6. The dequant-matmul kernel on the shipped Q4_1 blocks
+The file's Q4_1 blocks become a `QuantizedTensor` with the same bytes (codes, f16 scales, f16
+minimums); the Pallas kernel widens one tile at a time in registers and never writes the weight out
+in float. Off a GPU it runs interpreted: this checks it, it does not time it."""),
+    ("code", """from quantization.dequant_matmul import dequant_matmul, dequant_matmul_reference
+from quantization.ggml_tensor import tensor_from_blocks
+
+kept = tensor_from_blocks(np.asarray(tensor.data), "Q4_1", 1536)  # blk.3.ffn_down: [in 1536, out 576]
+x = jnp.asarray(rng.standard_normal((4, 1536)), jnp.float32)
+y = dequant_matmul(x, kept, interpret=True)
+print(f"{kept.nbytes} bytes kept (the file's {tensor.data.nbytes}); max |kernel - reference| "
+      f"{float(jnp.abs(y - dequant_matmul_reference(x, kept)).max()):.2e}")"""),
+    ("md", """## 7. The measured table (real SmolLM2-135M, from the committed results file)
 Bits per weight, model size, perplexity on lee_background.cor, logit error against the base, and
-decode / prompt speed where the model runs on the quantized leaves (block formats: accuracy only)."""),
+decode / prompt speed where the model runs on the quantized leaves (Q5 and K-quant formats: accuracy only)."""),
     ("code", """result = json.load(open("docs/results/quantization/results.json"))
 fmt = lambda value, spec: "-" if value is None else format(value, spec)
 print(f"{'run':20s} {'bits/w':>6s} {'MB':>6s} {'ppl':>7s} {'top-1':>6s} {'b1 tok/s':>8s} {'b64 tok/s':>9s}")
