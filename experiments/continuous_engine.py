@@ -29,7 +29,7 @@ from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.step_shapes import ShapeSet
 from experiments.config_checks import engine_settings
-from experiments.trace import RequestRecord, RunTrace, kv_bytes_per_token, untimed_pass
+from experiments.trace import RequestRecord, RunTrace, untimed_pass
 from experiments.workloads import Request
 from paged_attention.buckets import round_up
 
@@ -88,7 +88,8 @@ class ContinuousServeEngine:
     def serve(self, requests: list[Request], progress) -> RunTrace:
         engine = self._engine()
         padded_before = self.shapes.padded_steps
-        per_token, block_size = kv_bytes_per_token(self.model), self.config.block_size
+        cache_itemsize = engine.runner.kv_cache[0][0].dtype.itemsize  # kv_cache_dtype: fp8 stores 1 byte
+        per_token, block_size = self.model.config.kv_bytes_per_token(cache_itemsize), self.config.block_size
         pending = sorted(requests, key=lambda r: r.arrival_s)
         by_engine_id: dict[int, Request] = {}
         first_token: dict[int, float] = {}

@@ -6,6 +6,11 @@ the previous one as in the model, and, for comparison, the same bytes of weights
 *independent* batch-1 matvecs (nothing waits on anything). Prints ms and weight GB/s for each.
 A batch-1 step must read every weight once (538 MB in f32), so GB/s is its speed limit; llama.cpp
 F32 reads them at ~35 GB/s on these 2 cores (64.9 tok/s, `decode_batch1.yaml`).
+
+`--quantized` times the same chain (projections only) with int8 per-channel and int4-g32 weights,
+each written two ways: a dot over the dequantized weight (what the model's `linear` does: XLA CPU
+writes an f32 copy of the weight first) and `quantization.reduce_matmul`'s multiply-reduce (which
+reads the codes inside one fusion).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 
 from experiments.decode_step import random_model
 from experiments.roofline import median_seconds
+from quantization.reduce_matmul import reduce_matmul
+from quantization.weight_only import quantize_weight
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -34,6 +41,35 @@ def weight_matmuls(x, layers, embed):
     return h @ embed.T
 
 
+def projection_chain(matmul):
+    """A jitted chain of every layer's projections in model order, each `matmul(x, weight)`."""
+    @jax.jit
+    def chain(x, layers):
+        h = x
+        for layer in layers:
+            q, k, v = (matmul(h, layer[name]) for name in ("wq", "wk", "wv"))
+            o = matmul(q, layer["wo"]) + 0 * (k.sum() + v.sum())
+            h = h + matmul(jax.nn.silu(matmul(o, layer["w_gate"])) * matmul(o, layer["w_up"]), layer["w_down"])
+        return h
+    return chain
+
+
+def time_quantized(layers, batches) -> None:
+    """The projection chain in f32, and with int8 / int4-g32 weights as dequantize + dot or multiply-reduce."""
+    dequantize_dot = projection_chain(lambda x, w: x @ (w if isinstance(w, jax.Array) else w.dequantize(jnp.float32)))
+    reduce = projection_chain(reduce_matmul)
+    quantized = {f"int{bits}": [{n: quantize_weight(w, bits, group) for n, w in layer.items()} for layer in layers]
+                 for bits, group in ((8, 0), (4, 32))}
+    print("| weights | matmul | batch | ms |")
+    print("|---|---|---|---|")
+    for batch in batches:
+        x = jnp.ones((batch, 576), jnp.float32)
+        print(f"| f32 | dot | {batch} | {time_ms(dequantize_dot, x, layers):.1f} |", flush=True)
+        for name, weights in quantized.items():
+            for label, chain in (("dequantize + dot", dequantize_dot), ("multiply-reduce", reduce)):
+                print(f"| {name} | {label} | {batch} | {time_ms(chain, x, weights):.1f} |", flush=True)
+
+
 @jax.jit
 def independent_matvecs(x, weights):
     """x f32[1, 576] times each weight matrix; no matvec waits on another."""
@@ -48,9 +84,12 @@ def time_ms(fn, *args, repeats: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.matvec_chain", description=__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--quantized", action="store_true", help="time int8 / int4 projections instead")
     args = parser.parse_args()
     params = random_model().params
     layers = [{name: layer[name] for name in PROJECTIONS} for layer in params["layers"]]
+    if args.quantized:
+        return time_quantized(layers, args.batch)
     weight_bytes = sum(w.nbytes for layer in layers for w in layer.values()) + params["embed"].nbytes
     print("| what | batch | ms | weight GB/s |")
     print("|---|---|---|---|")

@@ -58,7 +58,7 @@ _ENGINES = {
                                          for kind in ("bytes", "bytes_unfused", "gb_per_s")))),
     # experiments/fusion_bench.py
     "quant_eval": (MICRO_BENCHMARK, ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tokens",
-                                     "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement",
+                                     "prompt_perplexity", "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement",
                                      "decode_b1_tokens_per_s", "decode_b64_tokens_per_s", "prompt_tokens_per_s",
                                      "block_formats_used")),  # experiments/quant_eval.py
     "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",

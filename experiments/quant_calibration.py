@@ -44,17 +44,38 @@ class RecordingOps(Ops):
         return super().linear(x, weight)
 
 
-def calibration_windows(model: models.Model, num_windows: int, window: int = 256) -> np.ndarray:
-    """i32[num_windows, window]: ShareGPT prompts in file order, tokenized (a model without a
-    tokenizer: the text's bytes as ids), joined and cut into windows of equal length, so one
-    eager forward pass covers them all (each op compiles once, for one shape)."""
+def encode(model: models.Model, text: str) -> list[int]:
+    """text as the model's token ids (a model without a tokenizer: the text's bytes as ids)."""
+    if model.tokenizer is not None:
+        return model.tokenizer(text).input_ids
+    return [b % model.config.vocab_size for b in text.encode("utf-8")]
+
+
+def prompt_token_ids(model: models.Model, num_tokens: int) -> list[int]:
+    """The first `num_tokens` tokens of the ShareGPT prompts in file order, tokenized and joined."""
     ids: list[int] = []
     for prompt, _ in sharegpt_pairs():
-        ids += model.tokenizer(prompt).input_ids if model.tokenizer is not None else [
-            b % model.config.vocab_size for b in prompt.encode("utf-8")]
-        if len(ids) >= num_windows * window:
+        ids += encode(model, prompt)
+        if len(ids) >= num_tokens:
             break
-    return np.asarray(ids[:num_windows * window], np.int32).reshape(num_windows, window)
+    return ids[:num_tokens]
+
+
+CALIBRATION_WINDOW = 256  # tokens per calibration window
+
+
+def calibration_windows(model: models.Model, num_windows: int, window: int = CALIBRATION_WINDOW) -> np.ndarray:
+    """i32[num_windows, window]: the ShareGPT prompt tokens (`prompt_token_ids`) cut into windows of
+    equal length, so one eager forward pass covers them all (each op compiles once, for one shape).
+    The tokens after them are held out (`held_out_prompt_ids`)."""
+    ids = prompt_token_ids(model, num_windows * window)
+    return np.asarray(ids, np.int32).reshape(num_windows, window)
+
+
+def held_out_prompt_ids(model: models.Model, calibration_tokens: int, num_tokens: int) -> list[int]:
+    """`num_tokens` ShareGPT prompt tokens that follow the first `calibration_tokens` (which
+    calibration reads): text of the calibration domain that no scheme was fitted on."""
+    return prompt_token_ids(model, calibration_tokens + num_tokens)[calibration_tokens:]
 
 
 def activation_stats(model: models.Model, tokens, hessian: bool = False) -> dict[str, ActivationStats]:

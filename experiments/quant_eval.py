@@ -4,8 +4,10 @@ measured for size, accuracy and speed side by side.
 - size: `bits_per_weight` over the quantized projections (codes plus scales and zero points) and
   `model_bytes` of the whole params tree as stored (the embedding and norms stay in float);
 - accuracy: `perplexity` on gensim's lee_background.cor (the same `perplexity_windows` windows of
-  `window` tokens for every scheme, llama.cpp's `perplexity` rule), and the logits of the first
-  window against the unquantized model's: max / mean absolute error, top-1 agreement;
+  `window` tokens for every scheme, llama.cpp's `perplexity` rule); `prompt_perplexity` on as many
+  windows of held-out ShareGPT prompt text (the tokens after the calibration windows: the
+  calibration domain, never calibrated on); and the logits of the first lee window against the
+  unquantized model's: max / mean absolute error, top-1 agreement;
 - calibration (SmoothQuant smoothing, static activation scales, GPTQ / AWQ Hessians):
   `calibration_windows` windows of 256 tokens of ShareGPT prompts through the unquantized model
   (`quant_calibration.py`);
@@ -31,7 +33,8 @@ from continuous_batching.request import Sequence
 from experiments.datasets import lee_background_text
 from experiments.decode_step import scattered_runner
 from experiments.perplexity import perplexity
-from experiments.quant_calibration import activation_stats, calibration_windows
+from experiments.quant_calibration import (CALIBRATION_WINDOW, activation_stats, calibration_windows, encode,
+                                           held_out_prompt_ids)
 from experiments.roofline import median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
@@ -43,10 +46,7 @@ DECODE_BATCHES = (1, 64)
 
 
 def text_token_ids(model: models.Model) -> list[int]:
-    text = lee_background_text()
-    if model.tokenizer is not None:
-        return model.tokenizer(text).input_ids
-    return [b % model.config.vocab_size for b in text.encode("utf-8")]
+    return encode(model, lee_background_text())
 
 
 def tree_bytes(tree) -> int:
@@ -79,7 +79,8 @@ class QuantEvalEngine:
         else:
             calibration = None
             if scheme in CALIBRATED_SCHEMES:  # ShareGPT prompts through the unquantized model
-                calibration = activation_stats(model, calibration_windows(model, run_config.calibration_windows),
+                calibration = activation_stats(model, calibration_windows(model, run_config.calibration_windows,
+                                                                          CALIBRATION_WINDOW),
                                                hessian=scheme in HESSIAN_SCHEMES)
             params = kept if kept is not None else quantize_params(model.params, scheme, calibration)
             self.model = dataclasses.replace(model, params=params)
@@ -112,8 +113,11 @@ class QuantEvalEngine:
         start = time.perf_counter()
         ids = np.asarray(text_token_ids(self.model), np.int32)
         ppl, scored = perplexity(self.model, ids.tolist(), window=rc.window, max_windows=rc.perplexity_windows)
+        chat = held_out_prompt_ids(self.model, rc.calibration_windows * CALIBRATION_WINDOW,
+                                   rc.window * rc.perplexity_windows)
+        chat_ppl, _ = perplexity(self.model, chat, window=rc.window, max_windows=rc.perplexity_windows)
         extra = {"bits_per_weight": self.bits_per_weight, "model_bytes": self.model_bytes, "perplexity": ppl,
-                 "perplexity_tokens": scored, **self._logit_errors(ids[:rc.window])}
+                 "perplexity_tokens": scored, "prompt_perplexity": chat_ppl, **self._logit_errors(ids[:rc.window])}
         for batch in DECODE_BATCHES:
             extra[f"decode_b{batch}_tokens_per_s"] = (
                 batch / self._step_seconds([rc.context_len] * batch, [[5]] * batch) if self.timed else None)

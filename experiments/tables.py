@@ -90,6 +90,7 @@ QUANT_COLUMNS = [
     ("bits_per_weight", "bits / weight", "{:.2f}"),
     ("model_bytes", "model MB", "{:.1f}"),
     ("perplexity", "perplexity", "{:.3f}"),
+    ("prompt_perplexity", "prompt ppl", "{:.3f}"),
     ("logit_max_abs_err", "logit max err", "{:.3f}"),
     ("logit_mean_abs_err", "logit mean err", "{:.4f}"),
     ("top1_agreement", "top-1 agree", "{:.1%}"),
