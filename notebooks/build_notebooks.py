@@ -381,24 +381,26 @@ for scheme in ("int8", "int4-g32", "w8a8"):
 Calibration runs ShareGPT prompt windows through the unquantized model and records each projection
 input's statistics, the Hessian x^T x among them. GPTQ pushes each row's rounding error onto the
 rows not yet rounded; AWQ scales salient input channels up before rounding. Both are judged on
-held-out prompt tokens by the output error they cause, the sum over tokens of ||x dW||^2."""),
+held-out prompt tokens by the output error they cause, the sum over tokens of ||x dW||^2, after
+calibrating on 2 windows (512 tokens: fewer than this projection's 1536 inputs, so the Hessian is
+singular) and on 16 (4,096 tokens, what `quantization.yaml` uses)."""),
     ("code", """from experiments.quant_calibration import activation_stats, calibration_windows
 from quantization.awq import search_scales
 from quantization.gptq import gptq_quantize
 
 smollm2 = models.load("smollm2-135m")
-windows = calibration_windows(smollm2, 4)
-calibration = activation_stats(smollm2, windows[:2], hessian=True)["layers.3.w_down"]
-held_out = activation_stats(smollm2, windows[2:], hessian=True)["layers.3.w_down"]
+windows = calibration_windows(smollm2, 18)
+held_out = activation_stats(smollm2, windows[16:], hessian=True)["layers.3.w_down"]
 w_down = smollm2.params["layers"][3]["w_down"]  # [in 1536, out 576]
 error = lambda q, s=1.0: held_out.output_error(np.asarray(q.dequantize(jnp.float32), np.float64) / s - np.asarray(w_down))
-s, alpha = search_scales([w_down], calibration, 4, 128, symmetric=False)
-errors = {"round to nearest, int4 g128 sym": error(quantize_weight(w_down, 4, 128)),
-          "GPTQ, int4 g128 sym": error(gptq_quantize(w_down, calibration.hessian, 4, 128)),
-          "round to nearest, int4 g128 asym": error(quantize_weight(w_down, 4, 128, False)),
-          f"AWQ (alpha {alpha}), int4 g128 asym": error(quantize_weight(w_down * s[:, None], 4, 128, False), s[:, None])}
-for name, value in errors.items():
-    print(f"{name:34s} held-out output error {value:10.1f}")"""),
+print(f"round to nearest: int4 g128 sym {error(quantize_weight(w_down, 4, 128)):8.1f}, "
+      f"asym {error(quantize_weight(w_down, 4, 128, False)):8.1f}  (held-out output error)")
+for num_windows in (2, 16):
+    calibration = activation_stats(smollm2, windows[:num_windows], hessian=True)["layers.3.w_down"]
+    s, alpha = search_scales([w_down], calibration, 4, 128, symmetric=False)
+    print(f"calibrated on {calibration.tokens:5d} tokens: GPTQ int4 g128 sym "
+          f"{error(gptq_quantize(w_down, calibration.hessian, 4, 128)):8.1f}, AWQ int4 g128 asym (alpha {alpha:.2f}) "
+          f"{error(quantize_weight(w_down * s[:, None], 4, 128, False), s[:, None]):8.1f}")"""),
     ("md", """## 6. The dequant-matmul kernel on the shipped Q4_1 blocks
 The file's Q4_1 blocks become a `QuantizedTensor` with the same bytes (codes, f16 scales, f16
 minimums); the Pallas kernel widens one tile at a time in registers and never writes the weight out
