@@ -29,18 +29,6 @@ from quantization.weight_only import quantize_weight
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
-@jax.jit
-def weight_matmuls(x, layers, embed):
-    """x f32[B, hidden] through every projection of every layer in model order; -> f32[B, vocab]."""
-    h = x
-    for layer in layers:
-        q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
-        o = q @ layer["wo"] + 0 * (k.sum() + v.sum())  # k, v would go to the cache
-        gate, up = o @ layer["w_gate"], o @ layer["w_up"]
-        h = h + (jax.nn.silu(gate) * up) @ layer["w_down"]
-    return h @ embed.T
-
-
 def projection_chain(matmul):
     """A jitted chain of every layer's projections in model order, each `matmul(x, weight)`."""
     @jax.jit
@@ -68,6 +56,12 @@ def time_quantized(layers, batches) -> None:
         for name, weights in quantized.items():
             for label, chain in (("dequantize + dot", dequantize_dot), ("multiply-reduce", reduce)):
                 print(f"| {name} | {label} | {batch} | {time_ms(chain, x, weights):.1f} |", flush=True)
+
+
+@jax.jit
+def weight_matmuls(x, layers, embed):
+    """x f32[B, hidden] through every projection of every layer in model order; -> f32[B, vocab]."""
+    return projection_chain(jnp.matmul)(x, layers) @ embed.T
 
 
 @jax.jit

@@ -69,9 +69,9 @@ def awq_params(params: dict, calibration: dict, bits: int, group_size: int, symm
             for name in names:
                 scaled[name] = layer[name] * jnp.asarray(s, layer[name].dtype)[:, None]
             producer_weight = scaled.get(producer, layer[producer])
-            inverse = jnp.asarray(1.0 / s, producer_weight.dtype)
-            # a norm weight [in] scales its output channel-wise; a projection [*, in] its columns
-            scaled[producer] = producer_weight * (inverse if producer_weight.ndim == 1 else inverse[None, :])
+            # a norm weight [in] scales its output channel-wise, a projection [*, in] its columns:
+            # both broadcast over the last axis
+            scaled[producer] = producer_weight * jnp.asarray(1.0 / s, producer_weight.dtype)
         for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
             layer[name] = quantize_weight(scaled.get(name, layer[name]), bits, group_size, symmetric,
                                           scale_dtype=layer[name].dtype)

@@ -23,11 +23,10 @@ rows. Codes and scales follow `weight_only.py`'s conventions. numpy, float64: a 
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
-from quantization.quantized_tensor import QuantizedTensor, pack_int4
-from quantization.weight_only import group_scales_zeros, round_to_codes
+from quantization.quantized_tensor import QuantizedTensor
+from quantization.weight_only import group_scales_zeros, round_to_codes, tensor_from_codes
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128
@@ -86,14 +85,4 @@ def gptq_quantize(weight, hessian, bits: int, group_size: int = 0, symmetric: bo
             errors[i - start] = error
         w[end:] -= factor[start:end, end:].T @ errors
     codes[order] = codes.copy()
-    return _tensor(codes, scales, zeros, bits, group_size if group < rows else 0, np.asarray(weight).dtype)
-
-
-def _tensor(codes, scales, zeros, bits, group_size, dtype) -> QuantizedTensor:
-    rows = codes.shape[0]
-    if bits == 4:
-        values = pack_int4(jnp.asarray(codes))
-    else:
-        values = jnp.asarray(codes, jnp.int8 if zeros is None else jnp.uint8)
-    return QuantizedTensor(values, jnp.asarray(scales, dtype), None if zeros is None else jnp.asarray(zeros, dtype),
-                           group_size=group_size, bits=bits, rows=rows if bits == 4 and rows % 2 else 0)
+    return tensor_from_codes(codes, scales, zeros, bits, group_size, np.asarray(weight).dtype)

@@ -58,12 +58,16 @@ def quantize_weight(weight: jax.Array, bits: int, group_size: int = 0, symmetric
     grouped = _grouped(weight, group)  # f32[groups, group, cols]
     scales, zeros = group_scales_zeros(grouped, bits, symmetric)  # f32[groups, cols]
     codes = round_to_codes(grouped, scales[:, None], None if zeros is None else zeros[:, None], bits)
-    codes = codes.reshape(-1, cols)[:rows].astype(jnp.int32)
-    if bits == 4:
-        values = pack_int4(codes)
-    else:
-        values = codes.astype(jnp.int8 if symmetric else jnp.uint8)
-    return QuantizedTensor(values, scales.astype(scale_dtype),
-                           None if zeros is None else zeros.astype(scale_dtype),
+    return tensor_from_codes(codes.reshape(-1, cols)[:rows], scales, zeros, bits, group_size, scale_dtype)
+
+
+def tensor_from_codes(codes, scales, zeros, bits: int, group_size: int, scale_dtype) -> QuantizedTensor:
+    """Integer-valued codes [rows, cols] (signed when `zeros` is None) and their per-group scales
+    (and zeros) -> the QuantizedTensor: int8 / uint8 codes, or int4 packed two per byte."""
+    rows = codes.shape[0]
+    codes = jnp.asarray(codes).astype(jnp.int32)
+    values = pack_int4(codes) if bits == 4 else codes.astype(jnp.int8 if zeros is None else jnp.uint8)
+    return QuantizedTensor(values, jnp.asarray(scales, scale_dtype),
+                           None if zeros is None else jnp.asarray(zeros, scale_dtype),
                            group_size=group_size if group_size < rows else 0, bits=bits,
                            rows=rows if bits == 4 and rows % 2 else 0)
