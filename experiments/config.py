@@ -30,7 +30,7 @@ from continuous_batching.reservation import RESERVATIONS
 from continuous_batching.scheduler import PREEMPTION_MODES
 from experiments.config_checks import check_config, check_model_limits
 from paged_attention.backend_names import PAGED_BACKENDS
-from quantization.scheme_names import QUANTIZATIONS
+from quantization.scheme_names import BLOCK_FORMAT_NAMES, QUANTIZATIONS
 
 
 class ConfigError(ValueError):
@@ -192,6 +192,22 @@ class LlamaCppRunConfig(Strict):
     parallel: int = Field(default=1, ge=1, le=512)
 
 
+class LlamaCppQuantRunConfig(Strict):
+    """Baseline: llama.cpp's rows of the quantization table, on a GGUF we write with the linear
+    weights in one block format (experiments/baselines/llama_cpp_quant.py); the other keys mean
+    what `quant_eval`'s do."""
+
+    name: str
+    engine: Literal["llama-cpp-quant"]
+    quantization: Literal[("none", *BLOCK_FORMAT_NAMES)]  # none: every tensor F32
+    perplexity_windows: int = Field(default=8, gt=0)
+    window: int = Field(default=512, gt=1)
+    context_len: int = Field(default=256, gt=1)
+    prompt_len: int = Field(default=512, gt=0)
+    iterations: int = Field(default=5, gt=0)
+    n_threads: int | None = Field(default=None, gt=0)  # None: every core
+
+
 class GemmRooflineRunConfig(Strict):
     """The f32 GEMM speed of this machine as a decode-rate bound for the model (experiments/roofline.py)."""
 
@@ -204,7 +220,7 @@ class GemmRooflineRunConfig(Strict):
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig, SharingRunConfig,
                AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig,
-               FusionBenchRunConfig, QuantEvalRunConfig)
+               FusionBenchRunConfig, QuantEvalRunConfig, LlamaCppQuantRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

@@ -41,7 +41,7 @@ Problem = tuple[str, str]  # (YAML path, message)
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
 REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
                  ("memory_sim",), ("sharing_sim",), ("attention_bench",), ("fusion_bench",),
-                 ("quant_eval",))
+                 ("quant_eval", "llama-cpp-quant"))
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
@@ -302,4 +302,4 @@ def _none(run, workload) -> Iterator[tuple[str, str]]:
 _RUN_CHECKS = {"continuous": _continuous, "attention_bench": _attention_bench,
                "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
                "llama-cpp": _none, "gemm_roofline": _none, "fusion_bench": _fusion_bench,
-               "quant_eval": _quant_eval}
+               "quant_eval": _quant_eval, "llama-cpp-quant": _none}

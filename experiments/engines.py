@@ -36,6 +36,7 @@ ENGINES = {
     "attention_bench": "experiments.attention_bench:AttentionBenchEngine",
     "fusion_bench": "experiments.fusion_bench:FusionBenchEngine",
     "quant_eval": "experiments.quant_eval:QuantEvalEngine",
+    "llama-cpp-quant": "experiments.baselines.llama_cpp_quant:LlamaCppQuantEngine",
     "memory_sim": "experiments.memory_sim:MemorySimEngine",
     "sharing_sim": "experiments.sharing:SharingSimEngine",
 }

@@ -26,6 +26,10 @@ SIMULATION = ("kv_utilization", "kv_bytes_allocated_peak", "kv_bytes_used_peak",
               "latency_mean_iterations")
 # `summarize_simulation` without records: micro-benchmarks that serve no requests
 MICRO_BENCHMARK = ("kv_bytes_allocated_peak",)
+# the quantization table's metrics, ours (quant_eval) and llama.cpp's (llama-cpp-quant)
+QUANT_METRICS = ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tokens", "prompt_perplexity",
+                 "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement", "decode_b1_tokens_per_s",
+                 "decode_b64_tokens_per_s", "prompt_tokens_per_s", "block_formats_used")
 
 # experiments/fusion_bench.py `OPS`: the ops of a decoder layer it times, then the whole layer
 FUSION_OPS = ("add_rms_norm", "qkv_rope", "attention", "self_attention", "o_proj", "swiglu_mlp", "layer")
@@ -57,10 +61,8 @@ _ENGINES = {
                                        *(f"{op}_{kind}" for op in FUSION_OPS[:-1]
                                          for kind in ("bytes", "bytes_unfused", "gb_per_s")))),
     # experiments/fusion_bench.py
-    "quant_eval": (MICRO_BENCHMARK, ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tokens",
-                                     "prompt_perplexity", "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement",
-                                     "decode_b1_tokens_per_s", "decode_b64_tokens_per_s", "prompt_tokens_per_s",
-                                     "block_formats_used")),  # experiments/quant_eval.py
+    "quant_eval": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/quant_eval.py
+    "llama-cpp-quant": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/baselines/llama_cpp_quant.py
     "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",
                                         "flops_per_token")),  # experiments/roofline.py
 }
@@ -77,6 +79,7 @@ NOT_NUMBERS: dict[str, frozenset[str]] = {
     "attention_bench": frozenset({"device"}),
     "fusion_bench": frozenset({"device"}),
     "quant_eval": frozenset({"block_formats_used"}),
+    "llama-cpp-quant": frozenset({"block_formats_used"}),
 }
 
 # Engines a rate sweep (`request_rates`) can run: those that replay arrivals in real time and report

@@ -27,19 +27,39 @@ def _window_nll(params, tokens, *, config):
     return -picked.sum()
 
 
-def perplexity(model: models.Model, token_ids: list[int], window: int = 512, batch_size: int = 4,
-               max_windows: int | None = None) -> tuple[float, int]:
-    """(perplexity, tokens scored) over consecutive `window`-token chunks of token_ids."""
+def scoring_windows(token_ids: list[int], window: int, max_windows: int | None = None) -> np.ndarray:
+    """i32[num_windows, window]: the consecutive `window`-token chunks of token_ids that are scored
+    (at most `max_windows`; a partial last chunk is dropped)."""
     ids = np.asarray(token_ids, np.int32)
     num_windows = len(ids) // window
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)
     if num_windows == 0:
         raise ValueError(f"need at least window={window} tokens, got {len(ids)}")
-    windows = ids[: num_windows * window].reshape(num_windows, window)
+    return ids[: num_windows * window].reshape(num_windows, window)
+
+
+def nll_of_next_tokens(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """Summed negative log-likelihood of tokens[1:] under logits[:-1] (f32[window, vocab], computed
+    elsewhere, e.g. by llama.cpp), in float64."""
+    logits = logits[:-1].astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(-1))
+    return float((log_norm - logits[np.arange(len(logits)), tokens[1:]]).sum())
+
+
+def perplexity_of(total_nll: float, windows: np.ndarray) -> tuple[float, int]:
+    """(perplexity, tokens scored) from the summed NLL over `windows` (every token but each first)."""
+    scored = windows.shape[0] * (windows.shape[1] - 1)
+    return math.exp(total_nll / scored), scored
+
+
+def perplexity(model: models.Model, token_ids: list[int], window: int = 512, batch_size: int = 4,
+               max_windows: int | None = None) -> tuple[float, int]:
+    """(perplexity, tokens scored) over consecutive `window`-token chunks of token_ids."""
+    windows = scoring_windows(token_ids, window, max_windows)
     total_nll = 0.0
-    for start in range(0, num_windows, batch_size):
+    for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         total_nll += float(_window_nll(model.params, jnp.asarray(chunk), config=model.config))
-    scored = num_windows * (window - 1)
-    return math.exp(total_nll / scored), scored
+    return perplexity_of(total_nll, windows)

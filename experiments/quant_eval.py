@@ -60,6 +60,21 @@ def projection_bits(params: dict) -> float:
     return 8 * tree_bytes(leaves) / sum(int(np.prod(leaf.shape)) for leaf in leaves)
 
 
+def window_logits_fn(config, window: np.ndarray):
+    """params -> f32[window, vocab]: the model's logits over one token window, jitted."""
+    tokens = jnp.asarray(window[None])
+    positions = jnp.arange(len(window))[None]
+    return jax.jit(lambda params: forward(params, tokens, positions, config=config)[0][0])
+
+
+def logit_errors(base, ours) -> dict:
+    """Max / mean |logit difference| and top-1 agreement of `ours` vs `base` (f32[tokens, vocab])."""
+    base, ours = jnp.asarray(base), jnp.asarray(ours)
+    diff = jnp.abs(ours - base)
+    return {"logit_max_abs_err": float(diff.max()), "logit_mean_abs_err": float(diff.mean()),
+            "top1_agreement": float((ours.argmax(-1) == base.argmax(-1)).mean())}
+
+
 class QuantEvalEngine:
     times_itself = True  # warms up and times each measurement inside serve
 
@@ -94,13 +109,8 @@ class QuantEvalEngine:
         pass  # each measurement warms itself up
 
     def _logit_errors(self, window: np.ndarray) -> dict:
-        tokens = jnp.asarray(window[None])
-        positions = jnp.arange(len(window))[None]
-        run = jax.jit(lambda p: forward(p, tokens, positions, config=self.base.config)[0][0])
-        base, ours = run(self.base.params), run(self.model.params)  # f32[window, vocab]
-        diff = jnp.abs(ours - base)
-        return {"logit_max_abs_err": float(diff.max()), "logit_mean_abs_err": float(diff.mean()),
-                "top1_agreement": float((ours.argmax(-1) == base.argmax(-1)).mean())}
+        run = window_logits_fn(self.base.config, window)
+        return logit_errors(run(self.base.params), run(self.model.params))
 
     def _step_seconds(self, lens: list[int], new_tokens: list[list[int]]) -> float:
         runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu")

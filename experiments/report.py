@@ -170,18 +170,21 @@ def plot_quantization(path: Path, result: dict) -> Path:
     runs = result["runs"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in runs:
-        m = r["metrics"]
+        m, in_llama_cpp = r["metrics"], r["config"]["engine"] == "llama-cpp-quant"
         if m["bits_per_weight"] >= 16:  # the float base: a reference line, not a point far to the right
-            left.axhline(m["perplexity"], color="gray", linestyle="--", linewidth=0.8)
-            left.annotate(f"{r['name']} ({m['bits_per_weight']:.0f} bits)", (0.01, m["perplexity"]),
-                          xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3), textcoords="offset points")
+            left.axhline(m["perplexity"], color="tab:green" if in_llama_cpp else "gray", linestyle="--", linewidth=0.8)
+            left.annotate(f"{r['name']} ({m['bits_per_weight']:.0f} bits)", (0.5 if in_llama_cpp else 0.01,
+                          m["perplexity"]), xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3),
+                          textcoords="offset points")
             continue
-        left.scatter(m["bits_per_weight"], m["perplexity"], color="tab:red" if m.get("block_formats_used") else "tab:blue")
-        left.annotate(r["name"], (m["bits_per_weight"], m["perplexity"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
+        color = "tab:green" if in_llama_cpp else "tab:red" if m.get("block_formats_used") else "tab:blue"
+        left.scatter(m["bits_per_weight"], m["perplexity"], color=color, marker="x" if in_llama_cpp else "o")
+        left.annotate(r["name"].removeprefix("llama.cpp-") if in_llama_cpp else r["name"],
+                      (m["bits_per_weight"], m["perplexity"]), fontsize=7, color=color,
+                      xytext=(3, -9 if in_llama_cpp else 3), textcoords="offset points")
     left.set_xlabel("bits per weight (projections)")
     left.set_ylabel("perplexity (lee_background)")
-    left.set_title("accuracy vs size (red: llama.cpp block formats)")
+    left.set_title("accuracy vs size (red: block formats in ours; green x: in llama.cpp)")
     timed = [r for r in runs if r["metrics"].get("decode_b1_tokens_per_s") is not None]
     x = range(len(timed))
     for offset, key, label in ((-0.2, "decode_b1_tokens_per_s", "batch 1"), (0.2, "decode_b64_tokens_per_s", "batch 64")):
@@ -191,7 +194,7 @@ def plot_quantization(path: Path, result: dict) -> Path:
     right.set_xticks(list(x), [r["name"] for r in timed], rotation=30, ha="right")
     right.set_ylabel(f"decode tokens/s relative to {timed[0]['name'] if timed else '-'}")
     right.legend(fontsize=8)
-    right.set_title("decode speed (weight-only: dequantized in the step; W8A8: int8 dots)")
+    right.set_title("decode speed (weight-only: dequantized in the step; W8A8: int8 dots; llama.cpp-*: in llama.cpp)", fontsize=9)
     fig.suptitle(f"{result['experiment']} - {result['model']}")
     return save_figure(fig, path)
 

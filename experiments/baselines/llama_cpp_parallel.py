@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -25,6 +26,25 @@ from experiments.provenance import host_cores
 from experiments.workloads import Request
 
 N_BATCH = 512  # tokens per llama_decode call (llama-server's default physical batch)
+
+
+def open_context(path, n_seq_max: int, cells_per_seq: int, n_batch: int, n_ubatch: int, n_threads: int):
+    """(LlamaModel, LlamaContext) for the GGUF at `path`: `n_seq_max` sequences, each owning
+    `cells_per_seq` KV cells (not unified, as llama-server -np N), the KV cache at llama.cpp's
+    default type (F16)."""
+    from llama_cpp import llama_cpp as C
+    from llama_cpp._internals import LlamaContext, LlamaModel
+
+    C.llama_backend_init()
+    # llama-cpp-python routes llama.cpp's log through this logger; Llama(verbose=False) sets the same level
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    llama_model = LlamaModel(path_model=str(path), params=C.llama_model_default_params(), verbose=False)
+    params = C.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = n_seq_max * cells_per_seq, n_seq_max
+    params.n_batch, params.n_ubatch = n_batch, n_ubatch
+    params.n_threads = params.n_threads_batch = n_threads
+    params.kv_unified = False  # each sequence owns n_ctx / n_seq_max cells
+    return llama_model, LlamaContext(model=llama_model, params=params, verbose=False)
 
 
 @dataclasses.dataclass
@@ -42,21 +62,14 @@ class LlamaCppParallelEngine(LlamaCppEngine):
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
         path = self._write_f32_gguf(model, requests)  # no batch-1 `Llama`: one context, the slots'
         from llama_cpp import llama_cpp as C
-        from llama_cpp._internals import LlamaContext, LlamaModel
 
-        C.llama_backend_init()
         self.C, self.parallel = C, run_config.parallel
-        self.llama_model = LlamaModel(path_model=str(path), params=C.llama_model_default_params(), verbose=False)
         per_slot = max(len(r.prompt) + r.output_len for r in requests) + 1
-        params = C.llama_context_default_params()
-        params.n_ctx, params.n_seq_max = self.parallel * per_slot, self.parallel
-        params.n_batch = params.n_ubatch = N_BATCH
-        params.n_threads = params.n_threads_batch = run_config.n_threads or host_cores()
-        params.kv_unified = False  # each slot owns n_ctx / n_seq_max cells, as llama-server -np N
-        self.context = LlamaContext(model=self.llama_model, params=params, verbose=False)
+        self.llama_model, self.context = open_context(path, self.parallel, per_slot, N_BATCH, N_BATCH,
+                                                      run_config.n_threads or host_cores())
         self.batch = C.llama_batch_init(N_BATCH, 0, 1)
         self.n_vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.llama_model.model))
-        self.kv_reserved_tokens = params.n_ctx
+        self.kv_reserved_tokens = self.parallel * per_slot
 
     def __del__(self):
         if getattr(self, "batch", None) is not None:

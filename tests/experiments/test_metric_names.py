@@ -1,6 +1,7 @@
 """The metric registry (experiments/metric_names.py) is exactly what each engine reports: one tiny
 run per engine through the harness (`experiments.run.main`); the GEMM roofline, which compiles in
-its measured part by design, and the llama.cpp baseline (an optional extra, on a stub) directly."""
+its measured part by design, and the llama.cpp baseline (an optional extra, on a stub) directly;
+llama.cpp's quantization rows in tests/experiments/test_llama_cpp_quant.py."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def assert_reports_registry(engine: str, metrics: dict, harness_added: bool = Tr
 
 
 def test_every_engine_is_registered_and_run_here():
-    assert set(METRICS) == set(RUN_CONFIG_BY_ENGINE) == set(ENGINE_RUNS) | {"gemm_roofline", "llama-cpp"}
+    assert set(METRICS) == set(RUN_CONFIG_BY_ENGINE) == set(ENGINE_RUNS) | {"gemm_roofline", "llama-cpp",
+                                                                                   "llama-cpp-quant"}
     assert set(NOT_NUMBERS) <= set(METRICS)
 
 
