@@ -14,7 +14,9 @@ Each technique is a setting of its own, and the four named policies are presets 
     kernels          the model's ops set (`models/ops.py`): unfused (one program per op) | xla (one
                      program per step) | pallas (fused kernels), or an Ops instance
     kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 (FP8, unscaled)
-    mesh             None, or a jax.sharding.Mesh to run on (params, cache and inputs replicated)
+    mesh             None, or a jax.sharding.Mesh to run on: params and cache split Megatron-style
+                     over its "tp" axis (`distributed.make_mesh`, `distributed/tensor_parallel.py`),
+                     replicated over a mesh without one; inputs replicated
 
     policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
                      for admission, kv_memory and chunked_prefill; a setting given beside it must

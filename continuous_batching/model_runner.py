@@ -87,8 +87,10 @@ class PagedModelRunner:
 
     kernels: the ops set (`models.ops`) by name or instance. kv_cache_dtype: the cache's dtype
     ("auto": the model's; "fp8_e4m3": FP8, `paged_attention.kv_cache`). mesh: a `jax.sharding.Mesh` to place params, cache and every step's
-    inputs on (None: the default device); `param_sharding` (a sharding or a pytree of them matching
-    the params) and `kv_sharding` override the default, replicated over the mesh."""
+    inputs on (None: the default device); `param_sharding` (a sharding, a pytree of them matching
+    the params, or a function of the ops set's prepared params returning one, as
+    `distributed.tensor_parallel.runner_placement` gives) and `kv_sharding` override the default,
+    replicated over the mesh."""
 
     def __init__(self, model: models.Model, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_blocks_per_seq: int, backend: str = "paged_cpu", kernels: "str | Ops" = "xla",
@@ -100,7 +102,10 @@ class PagedModelRunner:
         self.max_num_seqs, self.max_blocks, self.num_cpu_blocks = max_num_seqs, max_blocks_per_seq, num_cpu_blocks
         replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.input_sharding = replicated
-        self.params = jax.device_put(self.ops.prepare_params(model.params), param_sharding or replicated)
+        params = self.ops.prepare_params(model.params)  # e.g. fused wqkv / w_gate_up for the pallas set
+        if callable(param_sharding):
+            param_sharding = param_sharding(params)
+        self.params = jax.device_put(params, param_sharding or replicated)
         cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                     config.head_dim, cache_dtype(kv_cache_dtype, model.dtype))
         if mesh is not None or kv_sharding is not None:
