@@ -1,3 +1,4 @@
-"""Meshes and tensor parallelism (pipeline parallelism and the multi-process launch arrive with the
-rest of their issue): `make_mesh` (mesh.py), `shard_params` / `runner_placement`
-(tensor_parallel.py). `models/` never imports this package; the engine does."""
+"""Meshes (mesh.py), Megatron tensor parallelism as shardings (tensor_parallel.py) and as a
+shard_map layer (tp_layer.py), and GPipe-style pipeline parallelism (pipeline.py); the multi-process
+launch and host offload arrive with the rest of their issue. `models/` never imports this package;
+the engine does."""

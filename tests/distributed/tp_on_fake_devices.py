@@ -1,8 +1,12 @@
 """Run by tests/distributed/test_tensor_parallel.py in a process of its own with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax is imported): tensor
-parallelism at tp 2 / 4 / 8 gives one device's logits and greedy tokens. Prints one line per check."""
+parallelism at tp 2 / 4 / 8 in both forms (GSPMD shardings, and the shard_map layer with explicit
+psums), pipeline stages with micro-batches (pp 2 / 3 / 4, and pp x tp), all giving one device's
+logits, and the engine's greedy tokens with params and cache split. Prints one line per check."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,10 @@ from continuous_batching.sampling_params import SamplingParams
 from distributed.mesh import make_mesh
 from distributed.tensor_parallel import shard_params
 from models.config import ModelConfig
-from models.llama import forward, init_params
+from distributed.pipeline import Pipeline
+from distributed.tp_layer import megatron_layer, megatron_layer_params
+from models.llama import decoder_layer, forward, init_params
+from models.ops import get_ops, rope_cos_sin
 from quantization.schemes import quantize_params
 
 # divisible sizes (8 heads, 2 KV heads: split at tp 2, replicated at tp 4 and 8) and the odd tiny preset
@@ -75,7 +82,48 @@ def check_engine_tokens() -> None:
         print(f"engine tp {tp}: same greedy tokens; KV cache per device {k_cache.addressable_shards[0].data.shape}")
 
 
+def check_megatron_layer() -> None:
+    """The shard_map layer (two explicit psums) against one device's decoder_layer."""
+    layer = init_params(EVEN, seed=3)["layers"][0]
+    rng = np.random.default_rng(2)
+    hidden, residual = (jnp.asarray(rng.standard_normal((2, 12, EVEN.hidden_size)), jnp.float32) for _ in range(2))
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    cos, sin = rope_cos_sin(positions, EVEN.head_dim, EVEN.rope_theta)
+    want = decoder_layer(layer, hidden, residual, cos, sin, None, positions, None, config=EVEN,
+                         backend="contiguous", ops=get_ops("xla"))[:2]
+    for tp in (2, 4, 8):
+        run = jax.jit(megatron_layer(megatron_layer_params(layer, EVEN, tp), EVEN, make_mesh(tp=tp)))
+        got = run(hidden, residual, cos, sin, positions)
+        gap = max(float(jnp.abs(g - w).max()) for g, w in zip(got, want))
+        reduces = run.lower(hidden, residual, cos, sin, positions).compile().as_text().count(" all-reduce(")
+        assert gap < F32_TOLERANCE and reduces == 2, (tp, gap, reduces)
+        print(f"megatron layer tp {tp}: max |gap| {gap:.1e}, all-reduces {reduces}")
+
+
+def check_pipeline() -> None:
+    """Stages over "pp" (with tp inside them) and micro-batches give one device's logits."""
+    for config, meshes in ((dataclasses.replace(EVEN, num_layers=4, tie_word_embeddings=True),
+                            ((2, 1, 2), (4, 1, 1), (2, 2, 4))),  # (pp, tp, micro-batches)
+                           (models.PRESETS["tiny"], ((2, 1, 2), (3, 2, 1)))):
+        params = init_params(config, seed=5)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (4, 10)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(10), tokens.shape)
+        want = forward(params, tokens, positions, config=config)[0]
+        for pp, tp, microbatches in meshes:
+            pipe = Pipeline(params, config, make_mesh(pp=pp, tp=tp), num_microbatches=microbatches)
+            for stage, stage_mesh in zip(pipe.stages, pipe.meshes):  # each stage's weights on its own devices
+                assert pipe.stages[0]["layers"][0]["wq"].sharding.device_set.isdisjoint(
+                    stage["layers"][0]["wq"].sharding.device_set) or stage is pipe.stages[0]
+                assert stage["layers"][0]["wq"].sharding.device_set == set(stage_mesh.devices.flat)
+            gap = float(jnp.abs(pipe.forward(tokens, positions) - want).max())
+            assert gap < F32_TOLERANCE, (config.name, pp, tp, gap)
+            print(f"{config.name} pp {pp} x tp {tp}, {microbatches} micro-batches "
+                  f"(layers {[len(r) for r in pipe.ranges]}): max |logit gap| {gap:.1e}")
+
+
 if __name__ == "__main__":
+    check_pipeline()
+    check_megatron_layer()
     check_logits()
     check_engine_tokens()
     print("tensor parallel ok")
