@@ -168,7 +168,7 @@ def plot_quantization(path: Path, result: dict) -> Path:
     """Perplexity against bits per weight (one point per scheme), and decode tokens/s at batch 1
     and 64 for the schemes that were timed."""
     runs = result["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5))
     for r in runs:
         m, in_llama_cpp = r["metrics"], r["config"]["engine"] == "llama-cpp-quant"
         if m["bits_per_weight"] >= 16:  # the float base: a reference line, not a point far to the right
@@ -191,10 +191,10 @@ def plot_quantization(path: Path, result: dict) -> Path:
         base = timed[0]["metrics"][key] if timed else 1.0
         right.bar([i + offset for i in x], [r["metrics"][key] / base for r in timed], width=0.4, label=label)
     right.axhline(1.0, color="gray", linewidth=0.8)
-    right.set_xticks(list(x), [r["name"] for r in timed], rotation=30, ha="right")
+    right.set_xticks(list(x), [r["name"] for r in timed], rotation=45, ha="right", fontsize=7)
     right.set_ylabel(f"decode tokens/s relative to {timed[0]['name'] if timed else '-'}")
     right.legend(fontsize=8)
-    right.set_title("decode speed (weight-only: dequantized in the step; W8A8: int8 dots; llama.cpp-*: in llama.cpp)", fontsize=9)
+    right.set_title("decode speed (llama.cpp-*: llama.cpp's own kernels)")
     fig.suptitle(f"{result['experiment']} - {result['model']}")
     return save_figure(fig, path)
 
