@@ -14,6 +14,7 @@ Each technique is a setting of its own, and the four named policies are presets 
     kernels          the model's ops set (`models/ops.py`): unfused (one program per op) | xla (one
                      program per step) | pallas (fused kernels), or an Ops instance
     kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 (FP8, unscaled)
+                     | int8 (the model's params must carry folded K / V scales: `quantization/kv_int8.py`)
     mesh             None, or a jax.sharding.Mesh to run on: params and cache split Megatron-style
                      over its "tp" axis (`distributed.make_mesh`, `distributed/tensor_parallel.py`),
                      replicated over a mesh without one; inputs replicated
@@ -33,7 +34,7 @@ from continuous_batching.sampling_params import check_known_keys
 from continuous_batching.scheduler import PREEMPTION_MODES
 from paged_attention.backend_names import PAGED_BACKENDS
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 KERNEL_SETS = ("unfused", "xla", "pallas")  # the names in models.ops.OPS_SETS (this module stays JAX-free; a test keeps them equal)
 ADMISSIONS = ("batch", "iteration")
 KV_MEMORIES = ("reserved", "paged")
@@ -87,7 +88,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     backend: str = "paged_cpu"  # models.attention backend: paged_cpu (XLA CPU decode), paged (Pallas), paged_reference
     kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 | int8
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 

@@ -37,6 +37,7 @@ from paged_attention.buckets import pow2_at_least, two_per_octave
 from paged_attention.kv_cache import (cache_dtype, copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks,
                                       swap_out_blocks)
 from paged_attention.metadata import PagedMetadata
+from quantization.kv_int8 import has_folded_kv_scales
 
 MIN_SEQ_BUCKET = 4
 MIN_BLOCK_BUCKET = 8
@@ -86,8 +87,9 @@ class PagedModelRunner:
     that swapped-out blocks wait in, and the jitted step.
 
     kernels: the ops set (`models.ops`) by name or instance. kv_cache_dtype: the cache's dtype
-    ("auto": the model's; "fp8_e4m3": FP8, `paged_attention.kv_cache`). mesh: a `jax.sharding.Mesh` to place params, cache and every step's
-    inputs on (None: the default device); `param_sharding` (a sharding, a pytree of them matching
+    ("auto": the model's; "fp8_e4m3": FP8, `paged_attention.kv_cache`; "int8": codes in the units of
+    scales folded into the params, `quantization/kv_int8.py`). mesh: a `jax.sharding.Mesh` to place
+    params, cache and every step's inputs on (None: the default device); `param_sharding` (a sharding, a pytree of them matching
     the params, or a function of the ops set's prepared params returning one, as
     `distributed.tensor_parallel.runner_placement` gives) and `kv_sharding` override the default,
     replicated over the mesh."""
@@ -97,6 +99,10 @@ class PagedModelRunner:
                  kv_cache_dtype: str = "auto", num_cpu_blocks: int = 0, mesh=None,
                  param_sharding=None, kv_sharding=None):
         config = model.config
+        if kv_cache_dtype == "int8" and not has_folded_kv_scales(model.params):
+            raise ValueError("kv_cache_dtype 'int8' stores K / V in the units of calibrated per-head scales "
+                             "folded into the weights, and these params carry none: fold them first "
+                             "(quantization.kv_int8.fold_kv_scales; the harness does it for its runs)")
         self.model, self.backend, self.ops = model, backend, get_ops(kernels)
         self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads)
         self.max_num_seqs, self.max_blocks, self.num_cpu_blocks = max_num_seqs, max_blocks_per_seq, num_cpu_blocks

@@ -12,6 +12,10 @@ warm-up also compiles, per kind of step, the envelope of every shape it met
 whose own shape was not compiled runs on the cheapest compiled shape that covers it (padding), as a
 server with a precompiled bucket grid does, and the run reports how many steps did
 (`padded_steps`).
+
+With `kv_cache_dtype: int8` the run first folds per-head K / V scales into the model's weights
+(`quantization/kv_int8.py`): absmax / 127 over `KV_CALIBRATION_WINDOWS` windows of 256 ShareGPT
+prompt tokens (`experiments/quant_calibration.py`), part of the engine's build, so of its startup.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.step_shapes import ShapeSet
 from experiments.config_checks import engine_settings
+from experiments.quant_calibration import calibration_windows, kv_absmax
 from experiments.trace import RequestRecord, RunTrace, untimed_pass
 from experiments.workloads import Request
 from paged_attention.buckets import round_up
+from quantization.kv_int8 import fold_kv_scales
+
+KV_CALIBRATION_WINDOWS = 16  # int8 KV cache: 256-token ShareGPT windows whose K / V absmax sets the scales
 
 
 def engine_config(run_config, requests: list[Request]) -> EngineConfig:
@@ -48,8 +56,11 @@ def engine_config(run_config, requests: list[Request]) -> EngineConfig:
 
 class ContinuousServeEngine:
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
-        self.model, self.requests = model, requests
         self.config = engine_config(run_config, requests)
+        if self.config.kv_cache_dtype == "int8":  # calibrated K / V scales folded into the weights
+            model = dataclasses.replace(model, params=fold_kv_scales(
+                model.params, model.config, *kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS))))
+        self.model, self.requests = model, requests
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
         self.shapes = ShapeSet()  # step shapes compiled for this run, shared by every Engine it builds
 

@@ -92,3 +92,33 @@ def activation_stats(model: models.Model, tokens, hessian: bool = False) -> dict
     if missing:
         raise RuntimeError(f"calibration saw no input for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
     return ops.stats
+
+
+@dataclasses.dataclass(frozen=True)
+class KVRecordingOps(Ops):
+    """The xla ops, with a `qkv_rope` that records each layer's per-KV-head absmax of K (after RoPE)
+    and V, the values an INT8 KV cache stores."""
+
+    name: str = "kv-recording"
+    layers: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # id(wk) -> layer index
+    absmax: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # index -> f32[2, kv_heads]
+
+    def qkv_rope(self, x, layer, cos, sin, *, config):
+        q, k, v = super().qkv_rope(x, layer, cos, sin, config=config)
+        lead = tuple(range(k.ndim - 2))  # k, v [*lead, kv_heads, head_dim]: max over all but the head
+        seen = np.stack([np.asarray(jnp.abs(t).max(axis=(*lead, k.ndim - 1))) for t in (k, v)])
+        i = self.layers[id(layer["wk"])]
+        self.absmax[i] = np.maximum(self.absmax[i], seen) if i in self.absmax else seen
+        return q, k, v
+
+
+def kv_absmax(model: models.Model, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(K absmax, V absmax), each f32[num_layers, kv_heads]: the largest |K| (after RoPE) and |V| per
+    layer and KV head over `tokens` i32[batch, length] (one eager forward pass), what
+    `quantization.kv_int8.fold_kv_scales` turns into an INT8 KV cache's scales."""
+    ops = KVRecordingOps(layers={id(layer["wk"]): i for i, layer in enumerate(model.params["layers"])})
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    forward(model.params, tokens, positions, config=model.config, ops=ops)
+    absmax = np.stack([ops.absmax[i] for i in range(len(model.params["layers"]))])  # f32[layers, 2, kv_heads]
+    return absmax[:, 0], absmax[:, 1]

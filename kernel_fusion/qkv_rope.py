@@ -44,6 +44,19 @@ from jax.experimental.pallas import triton as pltriton
 from kernel_fusion.swiglu import largest_pow2_divisor
 
 
+def _cache_value(x: jax.Array, dtype) -> jax.Array:
+    """x as stored in a cache of `dtype` (the rule `paged_attention.kv_cache` writes by, which this
+    package may not import): FP8 saturates at its largest finite value instead of overflowing to
+    NaN, int8 rounds to the nearest code (halves up) and saturates at +-127, floats cast."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.int8:
+        return jnp.clip(jnp.floor(x + 0.5), -127.0, 127.0).astype(dtype)
+    if jnp.finfo(dtype).bits == 8:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -limit, limit)
+    return x.astype(dtype)
+
+
 def _check_inputs(x, w_qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads) -> None:
     if x.ndim != 2:
         raise ValueError(f"x must be [tokens, hidden], got {x.shape}")
@@ -103,10 +116,8 @@ def _kernel(x_ref, w_ref, cos_ref, sin_ref, slot_ref, k_in, v_in, q_ref, k_ref, 
     slots = jnp.where(slots < 0, k_ref.shape[1], slots)  # out of range and masked: never written
 
     def scatter(cache_ref, head, first, second):  # each row to its slot
-        limit = float(jnp.finfo(cache_ref.dtype).max)  # an FP8 cache saturates instead of overflowing to NaN
         for start, part in ((0, first), (half, second)):
-            part = jnp.clip(part, -limit, limit) if jnp.finfo(cache_ref.dtype).bits == 8 else part
-            pltriton.store(cache_ref.at[head, slots, start + cols], part.astype(cache_ref.dtype), mask=write)
+            pltriton.store(cache_ref.at[head, slots, start + cols], _cache_value(part, cache_ref.dtype), mask=write)
 
     @pl.when((j >= num_heads) & (j < num_heads + num_kv_heads))
     def _():
@@ -179,7 +190,7 @@ def fused_qkv_rope_reference(x, w_qkv, cos, sin, k_cache, v_cache, slot_mapping,
 
     def scatter(cache, new):  # new: f32[tokens, kv_heads, head_dim]
         flat = cache.reshape(num_kv_heads, num_slots, head_dim)
-        flat = flat.at[:, slots].set(new.swapaxes(0, 1).astype(cache.dtype), mode="drop")
+        flat = flat.at[:, slots].set(_cache_value(new.swapaxes(0, 1), cache.dtype), mode="drop")
         return flat.reshape(cache.shape)
 
     return q.astype(x.dtype), scatter(k_cache, k), scatter(v_cache, v)

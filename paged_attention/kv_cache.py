@@ -14,7 +14,9 @@ The cache may be stored in FP8 E4M3 (`kv_cache_dtype="fp8_e4m3"`, vLLM's name): 
 bytes, so four times the blocks in the same memory. As vLLM does without calibrated scales, values
 are stored unscaled (scale 1.0): E4M3 keeps 3 mantissa bits from 2^-6 to 448 (subnormals down to
 2^-9), and a write saturates at +-448 (a plain cast would give NaN). Every reader widens what it
-gathers to f32 before the dot.
+gathers to f32 before the dot. An `int8` cache stores codes in K / V units that the weights were
+scaled into (`quantization/kv_int8.py`: calibrated per-head scales folded into wq, wk, wv, wo), so
+it too is read by widening.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quantization.kv_int8 import to_cache_dtype  # saturating FP8, rounded int8 (scales folded into the weights)
+
 LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each [num_kv_heads, num_blocks, block_size, head_dim]
 STORAGE_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn}  # kv_cache_dtype names that are not jnp dtype names
 
@@ -30,14 +34,6 @@ STORAGE_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn}  # kv_cache_dtype names that ar
 def cache_dtype(kv_cache_dtype: str, model_dtype):
     """The jnp dtype a `kv_cache_dtype` setting stores the cache in ("auto": the model's)."""
     return model_dtype if kv_cache_dtype == "auto" else jnp.dtype(STORAGE_DTYPES.get(kv_cache_dtype, kv_cache_dtype))
-
-
-def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
-    """x cast for storing in a cache of `dtype`; an FP8 cache saturates at its largest finite value."""
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -limit, limit)
-    return x.astype(dtype)
 
 
 def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

@@ -228,7 +228,7 @@ def paged_prefill_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache:
     # k_cache[:, table] is [kv_heads, num_seqs, max_blocks, block_size, head_dim]
     k = k_cache[:, table].reshape(num_kv_heads, num_seqs, max_keys, head_dim).swapaxes(0, 1)
     v = v_cache[:, table].reshape(num_kv_heads, num_seqs, max_keys, head_dim).swapaxes(0, 1)
-    if jnp.finfo(k_cache.dtype).bits == 8:  # an FP8 cache, widened once gathered (8-bit floats never promote)
+    if k_cache.dtype.itemsize == 1:  # an FP8 / int8 cache, widened once gathered (8-bit types never promote)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
     key_pos = jnp.arange(max_keys)
     v = jnp.where((key_pos[None, :] < context_lens[:, None])[:, None, :, None], v, 0)
