@@ -26,6 +26,19 @@ from experiments.workloads import Request
 from quantization.gguf_export import write_gguf
 
 
+def require_llama_cpp(engine: str, model: models.Model) -> None:
+    """Fail before any work when llama-cpp-python is missing (a skip for the harness) or the model
+    has no GGUF file to hand llama.cpp."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise OptionalEngineMissing(f"engine {engine!r} needs llama-cpp-python: pip install -e .[llama-cpp] "
+                                    "(builds llama.cpp from source, ~4 minutes)") from None
+    if model.gguf_path is None:
+        raise ValueError(f"engine {engine!r} needs a model loaded from a GGUF file "
+                         "(e.g. model: smollm2-135m), not random or HF-checkpoint weights")
+
+
 def f32_gguf(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write `source`'s tensors dequantized to F32 (and its metadata unchanged) to `dest`."""
     return write_gguf(source, dest)[0]
@@ -48,14 +61,7 @@ class LlamaCppEngine:
     def _write_f32_gguf(self, model: models.Model, requests: list[Request]) -> Path:
         """Check that llama.cpp can run `model`, keep the run's requests, and write the model's GGUF
         dequantized to F32 into a temporary folder that lives as long as the engine."""
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise OptionalEngineMissing("engine 'llama-cpp' needs llama-cpp-python: pip install -e .[llama-cpp] "
-                              "(builds llama.cpp from source, ~4 minutes)") from None
-        if model.gguf_path is None:
-            raise ValueError("engine 'llama-cpp' needs a model loaded from a GGUF file "
-                             "(e.g. model: smollm2-135m), not random or HF-checkpoint weights")
+        require_llama_cpp("llama-cpp", model)
         self.per_token_bytes = kv_bytes_per_token(model)
         self.requests = requests
         self.outputs: dict[int, list[int]] = {}

@@ -30,13 +30,14 @@ import gguf
 import numpy as np
 
 import models
+from experiments.baselines.llama_cpp import require_llama_cpp
 from experiments.baselines.llama_cpp_parallel import open_context
 from experiments.config import QuantEvalRunConfig
 from experiments.perplexity import nll_of_next_tokens, perplexity_of, scoring_windows
 from experiments.provenance import host_cores
 from experiments.quant_calibration import CALIBRATION_WINDOW, held_out_prompt_ids
 from experiments.quant_eval import DECODE_BATCHES, logit_errors, text_token_ids, window_logits_fn
-from experiments.trace import OptionalEngineMissing, RunTrace
+from experiments.trace import RunTrace
 from quantization.gguf_export import LINEAR_WEIGHT, write_gguf
 
 # quant_eval's held-out prompt text starts after its calibration windows (at their default count)
@@ -61,14 +62,9 @@ class LlamaCppQuantEngine:
 
     def __init__(self, model: models.Model, run_config, requests):
         del requests  # the text and the shapes come from the run config
-        try:
-            from llama_cpp import llama_cpp as C
-        except ImportError:
-            raise OptionalEngineMissing("engine 'llama-cpp-quant' needs llama-cpp-python: pip install -e "
-                                        ".[llama-cpp] (builds llama.cpp from source, ~4 minutes)") from None
-        if model.gguf_path is None:
-            raise ValueError("engine 'llama-cpp-quant' needs a model loaded from a GGUF file "
-                             "(e.g. model: smollm2-135m), not random or HF-checkpoint weights")
+        require_llama_cpp("llama-cpp-quant", model)
+        from llama_cpp import llama_cpp as C
+
         self.C, self.base, self.run_config = C, model, run_config
         block_format = None if run_config.quantization == "none" else run_config.quantization
         self._dir = tempfile.TemporaryDirectory(prefix="infer-lab-llama-cpp-quant-")

@@ -72,17 +72,23 @@ def test_prefill_readers_widen_the_fp8_cache(rng):
         np.testing.assert_allclose(np.asarray(out)[:11], expected[:11], atol=2e-5, rtol=2e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("kernels", ["xla", "pallas"])  # pallas: the fused QKV kernel writes the FP8 cache
-def test_engine_on_an_fp8_cache(tiny_model, kernels):
+def one_byte_cache_vs_f32(f32_model, model, kernels: str, dtype: str) -> tuple[float, int, int]:
+    """(share of greedy tokens equal to the f32 cache's, f32 cache bytes, `dtype` cache bytes): the
+    engine on three prompts, `f32_model` on an f32 cache and `model` on a `dtype` cache."""
     prompts = [[3, 1, 4, 1, 5] * k for k in (1, 2, 4)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    tokens, cache_bytes = {}, {}
-    for dtype in ("float32", "fp8_e4m3"):
-        engine = Engine(tiny_model, EngineConfig(num_blocks=64, block_size=4, max_model_len=64, kernels=kernels,
-                                                 kv_cache_dtype=dtype))
-        tokens[dtype] = [out.outputs[0].token_ids for out in engine.generate(prompts, params, progress=False)]
-        cache_bytes[dtype] = sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_cache)
-    assert cache_bytes["float32"] == 4 * cache_bytes["fp8_e4m3"]
-    agree = np.mean([a == b for x, y in zip(tokens["float32"], tokens["fp8_e4m3"]) for a, b in zip(x, y)])
+    tokens, cache_bytes = [], []
+    for run_model, run_dtype in ((f32_model, "float32"), (model, dtype)):
+        engine = Engine(run_model, EngineConfig(num_blocks=64, block_size=4, max_model_len=64, kernels=kernels,
+                                                kv_cache_dtype=run_dtype))
+        tokens.append([out.outputs[0].token_ids for out in engine.generate(prompts, params, progress=False)])
+        cache_bytes.append(sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_cache))
+    agree = float(np.mean([a == b for x, y in zip(*tokens) for a, b in zip(x, y)]))
     print(f"greedy tokens equal to the f32 cache's: {agree:.0%}")
-    assert agree >= 0.6
+    return agree, *cache_bytes
+
+
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])  # pallas: the fused QKV kernel writes the FP8 cache
+def test_engine_on_an_fp8_cache(tiny_model, kernels):
+    agree, f32_bytes, fp8_bytes = one_byte_cache_vs_f32(tiny_model, tiny_model, kernels, "fp8_e4m3")
+    assert f32_bytes == 4 * fp8_bytes and agree >= 0.6

@@ -14,7 +14,6 @@ import pytest
 
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
-from continuous_batching.sampling_params import SamplingParams
 from experiments.quant_calibration import kv_absmax
 from kernel_fusion.qkv_rope import fused_qkv_rope, fused_qkv_rope_reference
 from models.llama import forward
@@ -24,6 +23,7 @@ from paged_attention.kv_cache import cache_dtype, write_kv
 from paged_attention.prefill_kernel import paged_prefill_attention, paged_prefill_attention_reference
 from quantization.kv_int8 import fold_kv_scales, has_folded_kv_scales
 from tests.kernel_fusion.test_qkv_rope import _case, _fused_args
+from tests.paged_attention.test_fp8_kv_cache import one_byte_cache_vs_f32
 from tests.paged_attention.test_paged_kernels import NUM_KV_HEADS, expected_decode, expected_prefill, paged_case
 
 
@@ -91,24 +91,13 @@ def test_folding_scales_leaves_the_logits_unchanged(tiny_model, rng):
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])  # pallas: the fused QKV kernel writes the codes
 def test_engine_on_an_int8_cache(tiny_model, kernels):
-    prompts = [[3, 1, 4, 1, 5] * k for k in (1, 2, 4)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     with pytest.raises(ValueError, match="fold_kv_scales"):
         Engine(tiny_model, EngineConfig(num_blocks=64, block_size=4, max_model_len=64, kv_cache_dtype="int8"))
     calibration = np.random.default_rng(0).integers(3, tiny_model.config.vocab_size, (4, 64))
     folded = dataclasses.replace(tiny_model, params=fold_kv_scales(tiny_model.params, tiny_model.config,
                                                                    *kv_absmax(tiny_model, calibration)))
-    tokens, cache_bytes = {}, {}
-    for dtype, model in (("float32", tiny_model), ("int8", folded)):
-        engine = Engine(model, EngineConfig(num_blocks=64, block_size=4, max_model_len=64, kernels=kernels,
-                                            kv_cache_dtype=dtype))
-        tokens[dtype] = [out.outputs[0].token_ids for out in engine.generate(prompts, params, progress=False)]
-        cache_bytes[dtype] = sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_cache)
-    assert cache_bytes["float32"] == 4 * cache_bytes["int8"]
-    agree = np.mean([a == b for x, y in zip(tokens["float32"], tokens["int8"]) for a, b in zip(x, y)])
-    print(f"greedy tokens equal to the f32 cache's: {agree:.0%}")
-    assert agree >= 0.6
-
+    agree, f32_bytes, int8_bytes = one_byte_cache_vs_f32(tiny_model, folded, kernels, "int8")
+    assert f32_bytes == 4 * int8_bytes and agree >= 0.6
 
 def test_int8_cache_write_lowers_to_triton_for_cuda():
     """The fused kernel's rounding and saturation through Pallas's Triton lowering rules (cross-lowered
