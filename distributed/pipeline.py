@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distributed.mesh import axis_size
-from distributed.tensor_parallel import param_specs
+from distributed.tensor_parallel import shard_params
 from models.config import ModelConfig
 from models.llama import decoder_layer
 from models.ops import get_ops, rope_cos_sin
@@ -79,10 +79,7 @@ class Pipeline:
                 stage["final_norm"] = params["final_norm"]
                 if not config.tie_word_embeddings:
                     stage["lm_head"] = params["lm_head"]
-            specs = param_specs(stage, config, axis_size(stage_mesh, "tp"))
-            shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(stage_mesh, spec), specs,
-                                               is_leaf=lambda x: isinstance(x, P))
-            self.stages.append(jax.device_put(stage, shardings))
+            self.stages.append(shard_params(stage, config, stage_mesh))
 
     def forward(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """f32 logits [batch, tokens, vocab] of tokens, positions i32[batch, tokens]; the batch is cut

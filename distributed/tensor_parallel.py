@@ -70,19 +70,15 @@ def kv_cache_spec(config: ModelConfig, tp: int, axis: str = "tp") -> P:
     return P(axis) if kv_heads_shard(config, tp) else P()
 
 
-def shardings(params, config: ModelConfig, mesh: Mesh, axis: str = "tp"):
-    """(param shardings tree, KV-cache sharding) for `mesh`: what the paged model runner's
-    placement hook (`param_sharding`, `kv_sharding`) takes."""
-    tp = axis_size(mesh, axis)
-    specs = param_specs(params, config, tp, axis)
-    to_sharding = lambda spec: NamedSharding(mesh, spec)
-    return (jax.tree_util.tree_map(to_sharding, specs, is_leaf=lambda x: isinstance(x, P)),
-            NamedSharding(mesh, kv_cache_spec(config, tp, axis)))
+def param_shardings(params, config: ModelConfig, mesh: Mesh, axis: str = "tp"):
+    """A NamedSharding on `mesh` per array leaf of `params`: the Megatron layout (`param_specs`)."""
+    specs = param_specs(params, config, axis_size(mesh, axis), axis)
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def shard_params(params, config: ModelConfig, mesh: Mesh, axis: str = "tp"):
     """`params` placed on `mesh` in the Megatron layout (`param_specs`)."""
-    return jax.device_put(params, shardings(params, config, mesh, axis)[0])
+    return jax.device_put(params, param_shardings(params, config, mesh, axis))
 
 
 def runner_placement(config: ModelConfig, mesh: Mesh | None, axis: str = "tp") -> dict:
@@ -92,5 +88,5 @@ def runner_placement(config: ModelConfig, mesh: Mesh | None, axis: str = "tp") -
     if mesh is None or axis not in mesh.axis_names:
         return {}
     tp = axis_size(mesh, axis)
-    return {"param_sharding": lambda params: shardings(params, config, mesh, axis)[0],
+    return {"param_sharding": lambda params: param_shardings(params, config, mesh, axis),
             "kv_sharding": NamedSharding(mesh, kv_cache_spec(config, tp, axis))}

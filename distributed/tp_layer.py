@@ -91,6 +91,7 @@ def megatron_layer(layer: dict, config: ModelConfig, mesh: Mesh, axis: str = "tp
     `megatron_layer_params`), activations replicated, two psums."""
     tp = axis_size(mesh, axis)
     local = local_config(config, tp)
+    # wk / wv already hold max(num_kv_heads, tp) heads (repeated by megatron_layer_params): split them
     specs = param_specs(layer, dataclasses.replace(config, num_kv_heads=max(config.num_kv_heads, tp)), tp, axis)
     ops = TensorParallelOps(axis=axis)
 
