@@ -125,6 +125,9 @@ class PagedModelRunner:
         # run; each sequence "samples" its last new token again (the caller ignores EOS, or the
         # dry run ends requests no later than a real one would)
         self.dry_run = False
+        # Called with ("run" | "move_blocks", args) before each piece of device work: a multi-process
+        # leader broadcasts it so that every process runs the same programs (`continuous_batching/multihost.py`)
+        self.on_device_work = None
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -135,6 +138,8 @@ class PagedModelRunner:
                     swap_in: list[tuple[int, int]]) -> None:
         """Carry out one step's block moves in the order the block manager made them: swap-out
         (device block -> host block), copy-on-write (src -> dst), swap-in (host block -> device block)."""
+        if self.on_device_work is not None and (swap_out or copies or swap_in):
+            self.on_device_work(("move_blocks", (swap_out, copies, swap_in)))
         if swap_out:
             gpu, cpu = zip(*swap_out)
             for (pool_k, pool_v), (k, v) in zip(self._host_pool(), swap_out_blocks(self.kv_cache, list(gpu))):
@@ -211,6 +216,8 @@ class PagedModelRunner:
     def run(self, prepared: "PreparedStep") -> tuple[np.ndarray, object]:
         """Move a prepared step's inputs to the device (one transfer) and run the jitted step:
         (i32[rows] next tokens on the host, device log-probs or None)."""
+        if self.on_device_work is not None:
+            self.on_device_work(("run", (prepared,)))
         self.shapes.add(prepared.shape, prepared.flags)
         self.shapes_run.add(dataclasses.astuple(prepared.shape))
         inputs = jax.device_put(prepared.inputs, self.input_sharding)
