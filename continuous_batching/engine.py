@@ -39,6 +39,7 @@ from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.scheduler import Scheduler
 from continuous_batching.step_shapes import ShapeSet
 from continuous_batching.stop_checker import StopChecker
+from distributed.mesh import make_mesh
 from distributed.tensor_parallel import runner_placement
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
@@ -95,6 +96,7 @@ class Engine:
         if config.max_model_len > limit:
             raise ValueError(f"EngineConfig.max_model_len ({config.max_model_len}) must be <= the model's "
                              f"max_position_embeddings ({model.config.name}: {limit})")
+        self.mesh = make_mesh(tp=config.tp) if config.tp > 1 else config.mesh
         if config.paged:
             self.manager = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks,
                                         config.enable_prefix_caching)
@@ -111,8 +113,8 @@ class Engine:
                                        max_num_seqs=config.max_num_seqs,
                                        max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend,
                                        kernels=config.kernels, num_cpu_blocks=config.num_cpu_blocks,
-                                       kv_cache_dtype=config.kv_cache_dtype, mesh=config.mesh,
-                                       **runner_placement(model.config, config.mesh))
+                                       kv_cache_dtype=config.kv_cache_dtype, mesh=self.mesh,
+                                       **runner_placement(model.config, self.mesh))
         if shapes is not None:
             self.runner.shapes = shapes
         self.runner.dry_run = dry_run

@@ -18,6 +18,9 @@ Each technique is a setting of its own, and the four named policies are presets 
     mesh             None, or a jax.sharding.Mesh to run on: params and cache split Megatron-style
                      over its "tp" axis (`distributed.make_mesh`, `distributed/tensor_parallel.py`),
                      replicated over a mesh without one; inputs replicated
+    tp               tensor-parallel degree without a mesh: tp > 1 runs on `make_mesh(tp=tp)`, the
+                     first tp of jax.devices() (on CPU, fake devices: XLA_FLAGS=
+                     --xla_force_host_platform_device_count=N before jax starts its backend)
 
     policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
                      for admission, kv_memory and chunked_prefill; a setting given beside it must
@@ -90,6 +93,7 @@ class EngineConfig:
     kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 | int8
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
+    tp: int = 1  # without a mesh: tp > 1 runs on distributed.make_mesh(tp=tp)
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class EngineConfig:
         check("kernels", not isinstance(self.kernels, str) or self.kernels in KERNEL_SETS,
               f"one of {list(KERNEL_SETS)} (or a models.ops.Ops instance)")
         check("mesh", self.mesh is None or hasattr(self.mesh, "axis_names"), "None or a jax.sharding.Mesh")
+        check("tp", isinstance(self.tp, int) and not isinstance(self.tp, bool) and self.tp >= 1, "an int >= 1")
+        check("tp", self.tp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
 
     @property
     def _given(self) -> tuple:

@@ -227,6 +227,13 @@ class PagedModelRunner:
             flags=prepared.flags)
         return np.asarray(next_tokens), logprobs
 
+    def lower(self, prepared: "PreparedStep"):
+        """The one-program step lowered for a prepared step's shapes, without running it
+        (`.compile().as_text()` is the optimized HLO: the collectives XLA placed, for instance)."""
+        inputs = jax.device_put(prepared.inputs, self.input_sharding)
+        return _model_step.lower(self.params, self.kv_cache, inputs, config=self.model.config, backend=self.backend,
+                                 ops=self.ops, flags=prepared.flags)
+
     def _own_shape(self, ordered: list[Sequence], num_prefill: int) -> StepShape:
         """The bucketed shape of these sequences' step (pair-list lengths filled in by `_metadata`)."""
         max_blocks = self.blocks_bucket(max(len(s.block_table) for s in ordered))

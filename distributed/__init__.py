@@ -1,4 +1,5 @@
 """Meshes (mesh.py), Megatron tensor parallelism as shardings (tensor_parallel.py) and as a
-shard_map layer (tp_layer.py), and GPipe-style pipeline parallelism (pipeline.py); the multi-process
-launch and host offload arrive with the rest of their issue. `models/` never imports this package;
-the engine does."""
+shard_map layer (tp_layer.py), GPipe-style pipeline parallelism (pipeline.py), several processes as
+one jax.distributed program (multihost.py, launch.py), the collectives of a compiled program
+(hlo_comm.py) and a paper-scale memory / communication model (projection.py). `models/` never
+imports this package; the engine does."""

@@ -12,6 +12,8 @@ before jax is imported).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -36,3 +38,18 @@ def make_mesh(tp: int = 1, pp: int = 1, dp: int = 1, devices=None) -> Mesh:
 def axis_size(mesh: Mesh, axis: str) -> int:
     """The mesh's size along `axis` (1 when it has no such axis)."""
     return int(mesh.shape.get(axis, 1)) if mesh is not None else 1
+
+
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def request_cpu_devices(count: int) -> None:
+    """Ask XLA for `count` fake CPU devices (XLA_FLAGS), for a mesh of `count` devices on a machine
+    without accelerators. It takes effect only if jax has not started its CPU backend yet (XLA reads
+    the flag then); `make_mesh` names the flag when there are still too few devices. A count the
+    flags already give, or more, is left alone."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    given = [int(f.split("=")[1]) for f in flags if f.startswith(CPU_DEVICES_FLAG + "=")]
+    if count > max(given, default=1):
+        kept = [f for f in flags if not f.startswith(CPU_DEVICES_FLAG)]
+        os.environ["XLA_FLAGS"] = " ".join(kept + [f"{CPU_DEVICES_FLAG}={count}"])

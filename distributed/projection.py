@@ -182,27 +182,27 @@ def smallest_fit(model: ModelShape, gpu: Accelerator, kv_tokens: int, bytes_per_
                      f"({memory_fraction:.0%} of its memory)")
 
 
-def projection_rows(kv_tokens: int = DEFAULT_KV_TOKENS, bytes_per_param: float = 2) -> list[dict]:
-    """One row per (Llama 2 model, GPU) at the smallest fitting layout: per-device weight and KV
+def projection_row(model: ModelShape, gpu: Accelerator, kv_tokens: int = DEFAULT_KV_TOKENS,
+                   bytes_per_param: float = 2) -> dict:
+    """The smallest fitting layout of `model` on `gpu` and what it implies: per-device weight and KV
     GiB, all-reduce payload per token (MB, 1e6 bytes) and its ring time at NVLink bandwidth (us),
     and the HBM lower bound on one decode step (ms; one new token per sequence): every stage's
     weights read once, in turn, KV reads and compute ignored. `recommended` is RECOMMENDATIONS'."""
-    rows = []
-    for model in LLAMA2.values():
-        for gpu in GPUS.values():
-            tp, pp = smallest_fit(model, gpu, kv_tokens, bytes_per_param)
-            weights = weight_bytes_per_device(model, tp, pp, bytes_per_param)
-            kv = kv_tokens * kv_bytes_per_token_per_device(model, tp, pp, ACTIVATION_BYTES)
-            all_stage_weights = sum(_stage_param_counts(model, tp, pp)) * bytes_per_param
-            text, url = RECOMMENDATIONS.get(model.name, NO_RECOMMENDATION)
-            rows.append({
-                "model": model.name, "gpu": gpu.name, "tp": tp, "pp": pp,
-                "weights_gib_per_device": weights / 2**30,
-                "kv_gib_per_device": kv / 2**30,
-                "allreduces_per_token": num_allreduces_per_token(model, tp),
-                "allreduce_mb_per_token": allreduce_bytes_per_token(model, tp) / 1e6,
-                "ring_us_per_token": allreduce_seconds_per_token(model, tp, gpu) * 1e6,
-                "hbm_decode_step_ms_lower_bound": all_stage_weights / gpu.hbm_bytes_per_s * 1e3,
-                "recommended": text, "recommended_url": url,
-            })
-    return rows
+    tp, pp = smallest_fit(model, gpu, kv_tokens, bytes_per_param)
+    all_stage_weights = sum(_stage_param_counts(model, tp, pp)) * bytes_per_param
+    text, url = RECOMMENDATIONS.get(model.name, NO_RECOMMENDATION)
+    return {
+        "model": model.name, "gpu": gpu.name, "tp": tp, "pp": pp,
+        "weights_gib_per_device": weight_bytes_per_device(model, tp, pp, bytes_per_param) / 2**30,
+        "kv_gib_per_device": kv_tokens * kv_bytes_per_token_per_device(model, tp, pp, ACTIVATION_BYTES) / 2**30,
+        "allreduces_per_token": num_allreduces_per_token(model, tp),
+        "allreduce_mb_per_token": allreduce_bytes_per_token(model, tp) / 1e6,
+        "ring_us_per_token": allreduce_seconds_per_token(model, tp, gpu) * 1e6,
+        "hbm_decode_step_ms_lower_bound": all_stage_weights / gpu.hbm_bytes_per_s * 1e3,
+        "recommended": text, "recommended_url": url,
+    }
+
+
+def projection_rows(kv_tokens: int = DEFAULT_KV_TOKENS, bytes_per_param: float = 2) -> list[dict]:
+    """`projection_row` for every (Llama 2 model, GPU) pair."""
+    return [projection_row(model, gpu, kv_tokens, bytes_per_param) for model in LLAMA2.values() for gpu in GPUS.values()]

@@ -28,6 +28,7 @@ from continuous_batching.engine_config import (ADMISSIONS, KERNEL_SETS, KV_CACHE
                                                EngineConfig)
 from continuous_batching.reservation import RESERVATIONS
 from continuous_batching.scheduler import PREEMPTION_MODES
+from distributed.projection import DEFAULT_KV_TOKENS, GPUS, LLAMA2
 from experiments.config_checks import check_config, check_model_limits
 from paged_attention.backend_names import PAGED_BACKENDS
 from quantization.scheme_names import BLOCK_FORMAT_NAMES, QUANTIZATIONS
@@ -177,6 +178,7 @@ class ContinuousRunConfig(Strict):
     backend: Literal[PAGED_BACKENDS] = _engine_default("backend")
     kernels: Literal[KERNEL_SETS] = _engine_default("kernels")
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _engine_default("kv_cache_dtype")
+    tp: int = Field(default=_engine_default("tp"), gt=0)  # tensor parallel over tp devices (fake ones on CPU)
 
 
 class LlamaCppRunConfig(Strict):
@@ -208,6 +210,34 @@ class LlamaCppQuantRunConfig(Strict):
     n_threads: int | None = Field(default=None, gt=0)  # None: every core
 
 
+class ParallelEvalRunConfig(Strict):
+    """Parallelism: one tensor x pipeline layout of the experiment's model on tp x pp devices (fake
+    CPU devices without accelerators): memory per device, collectives per decode step from the
+    compiled HLO beside Megatron's count, step times, logits vs one device (experiments/parallel_eval.py)."""
+
+    name: str
+    engine: Literal["parallel_eval"]
+    tp: int = Field(default=1, gt=0)  # tensor-parallel degree (Megatron layout, distributed/tensor_parallel.py)
+    pp: int = Field(default=1, gt=0)  # pipeline stages (distributed/pipeline.py; prefill only)
+    microbatches: int = Field(default=1, gt=0)  # pp > 1: micro-batches the batch is cut into
+    batch_size: int = Field(default=8, gt=0)  # sequences in the decode step and in the prefill forward
+    context_len: int = Field(default=128, gt=0)  # decode: each sequence's context
+    prompt_len: int = Field(default=128, gt=0)  # prefill: each sequence's prompt
+    iterations: int = Field(default=5, gt=0)  # timed steps per measurement (median)
+
+
+class ParallelProjectionRunConfig(Strict):
+    """Paper-scale projection: a published model's smallest tp x pp layout on one GPU type and what
+    it implies per token, from distributed/projection.py's model (experiments/parallel_projection.py)."""
+
+    name: str
+    engine: Literal["parallel_projection"]
+    model_shape: Literal[tuple(LLAMA2)]
+    gpu: Literal[tuple(GPUS)]
+    kv_tokens: int = Field(default=DEFAULT_KV_TOKENS, gt=0)  # KV cache each layout must hold, in tokens
+    bytes_per_param: float = Field(default=2.0, gt=0)  # 2: fp16 / bf16 weights
+
+
 class GemmRooflineRunConfig(Strict):
     """The f32 GEMM speed of this machine as a decode-rate bound for the model (experiments/roofline.py)."""
 
@@ -220,7 +250,8 @@ class GemmRooflineRunConfig(Strict):
 # Every engine's run config; later issues add theirs here. The `engine` literal is the YAML tag.
 RUN_CONFIGS = (StaticRunConfig, HFRunConfig, MemorySimRunConfig, SharingRunConfig,
                AttentionBenchRunConfig, ContinuousRunConfig, LlamaCppRunConfig, GemmRooflineRunConfig,
-               FusionBenchRunConfig, QuantEvalRunConfig, LlamaCppQuantRunConfig)
+               FusionBenchRunConfig, QuantEvalRunConfig, LlamaCppQuantRunConfig, ParallelEvalRunConfig,
+               ParallelProjectionRunConfig)
 RUN_CONFIG_BY_ENGINE = {get_args(c.model_fields["engine"].annotation)[0]: c for c in RUN_CONFIGS}
 RunConfig = Annotated[Union[RUN_CONFIGS], Field(discriminator="engine")]
 

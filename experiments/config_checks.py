@@ -41,7 +41,7 @@ Problem = tuple[str, str]  # (YAML path, message)
 # of an experiment's runs (`_table_kind`), which reads metrics only engines of one group report.
 REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  # serving / decode
                  ("memory_sim",), ("sharing_sim",), ("attention_bench",), ("fusion_bench",),
-                 ("quant_eval", "llama-cpp-quant"))
+                 ("quant_eval", "llama-cpp-quant"), ("parallel_eval",), ("parallel_projection",))
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
@@ -58,7 +58,7 @@ def check_config(config) -> list[Problem]:
 
 def check_model_limits(config, model_config) -> list[Problem]:
     """Problems only the model's config reveals (`models.config.ModelConfig`, read without weights):
-    sequences longer than its `max_position_embeddings`."""
+    sequences longer than its `max_position_embeddings`, more pipeline stages than layers."""
     limit, problems = model_config.max_position_embeddings, []
     longest = longest_request(config.workload)
     for i, run in enumerate(config.runs):
@@ -76,6 +76,12 @@ def check_model_limits(config, model_config) -> list[Problem]:
             problems.append((f"runs[{i}].mode", f"beam_search runs the model on requests of up to "
                              f"{_describe_longest(config.workload)}, beyond its max_position_embeddings "
                              f"({model_config.name}: {limit}); lower the workload caps to <= {limit} in all"))
+        if run.engine == "parallel_eval" and run.pp > model_config.num_layers:
+            problems.append((f"runs[{i}].pp", f"{run.pp} stages, but {model_config.name} has "
+                             f"{model_config.num_layers} layers; allowed: 1..{model_config.num_layers}"))
+        if run.engine == "parallel_eval" and max(run.context_len, run.prompt_len) > limit:
+            problems.append((f"runs[{i}].context_len", f"context_len / prompt_len must be <= the model's "
+                             f"max_position_embeddings ({model_config.name}: {limit})"))
     return problems
 
 
@@ -295,6 +301,14 @@ def _largest_reservation(run, workload) -> tuple[int, str]:
                    f"slots (output {worst_output} -> {pow2_at_least(worst_output)}) for requests of up to {bound}")
 
 
+def _parallel_eval(run, workload) -> Iterator[tuple[str, str]]:
+    yield from _ignored(run, "microbatches", run.pp > 1, "to pipeline runs (pp > 1)")
+    yield from _ignored(run, "context_len", run.pp == 1, "to tensor-parallel runs (pp 1: the decode step)")
+    if run.batch_size % run.microbatches:
+        yield ("microbatches", f"must divide batch_size={run.batch_size} (equal micro-batches); got "
+               f"{run.microbatches}, allowed: {[d for d in range(1, run.batch_size + 1) if run.batch_size % d == 0]}")
+
+
 def _none(run, workload) -> Iterator[tuple[str, str]]:
     return iter(())
 
@@ -302,4 +316,5 @@ def _none(run, workload) -> Iterator[tuple[str, str]]:
 _RUN_CHECKS = {"continuous": _continuous, "attention_bench": _attention_bench,
                "sharing_sim": _sharing, "memory_sim": _memory_sim, "static": _none, "hf": _none,
                "llama-cpp": _none, "gemm_roofline": _none, "fusion_bench": _fusion_bench,
-               "quant_eval": _quant_eval, "llama-cpp-quant": _none}
+               "quant_eval": _quant_eval, "llama-cpp-quant": _none, "parallel_eval": _parallel_eval,
+               "parallel_projection": _none}

@@ -39,6 +39,8 @@ ENGINES = {
     "llama-cpp-quant": "experiments.baselines.llama_cpp_quant:LlamaCppQuantEngine",
     "memory_sim": "experiments.memory_sim:MemorySimEngine",
     "sharing_sim": "experiments.sharing:SharingSimEngine",
+    "parallel_eval": "experiments.parallel_eval:ParallelEvalEngine",
+    "parallel_projection": "experiments.parallel_projection:ParallelProjectionEngine",
 }
 
 

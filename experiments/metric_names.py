@@ -31,6 +31,17 @@ QUANT_METRICS = ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tok
                  "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement", "decode_b1_tokens_per_s",
                  "decode_b64_tokens_per_s", "prompt_tokens_per_s", "block_formats_used")
 
+# the parallelism table's metrics (experiments/parallel_eval.py)
+PARALLEL_METRICS = ("devices", "param_bytes_per_device", "kv_bytes_per_device", "collectives_per_decode_step",
+                    "allreduce_bytes_per_decode_step", "allgather_bytes_per_decode_step",
+                    "megatron_allreduce_bytes_per_decode_step", "stage_transfer_bytes_per_prefill",
+                    "decode_step_ms", "prefill_ms", "logit_max_abs_gap")
+
+# the projection table's metrics (experiments/parallel_projection.py, distributed/projection.py)
+PROJECTION_METRICS = ("tp", "pp", "weights_gib_per_device", "kv_gib_per_device", "allreduces_per_token",
+                      "allreduce_mb_per_token", "ring_us_per_token", "hbm_decode_step_ms_lower_bound",
+                      "recommended", "recommended_url")
+
 # experiments/fusion_bench.py `OPS`: the ops of a decoder layer it times, then the whole layer
 FUSION_OPS = ("add_rms_norm", "qkv_rope", "attention", "self_attention", "o_proj", "swiglu_mlp", "layer")
 
@@ -63,6 +74,8 @@ _ENGINES = {
     # experiments/fusion_bench.py
     "quant_eval": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/quant_eval.py
     "llama-cpp-quant": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/baselines/llama_cpp_quant.py
+    "parallel_eval": (MICRO_BENCHMARK, PARALLEL_METRICS),  # experiments/parallel_eval.py
+    "parallel_projection": (MICRO_BENCHMARK, PROJECTION_METRICS),  # experiments/parallel_projection.py
     "gemm_roofline": (MICRO_BENCHMARK, ("gemm_gflops", "gemm_gflops_torch", "decode_tokens_per_s",
                                         "flops_per_token")),  # experiments/roofline.py
 }
@@ -80,6 +93,7 @@ NOT_NUMBERS: dict[str, frozenset[str]] = {
     "fusion_bench": frozenset({"device"}),
     "quant_eval": frozenset({"block_formats_used"}),
     "llama-cpp-quant": frozenset({"block_formats_used"}),
+    "parallel_projection": frozenset({"recommended", "recommended_url"}),
 }
 
 # Engines a rate sweep (`request_rates`) can run: those that replay arrivals in real time and report

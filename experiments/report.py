@@ -68,6 +68,10 @@ def plot_runs(path: Path, result: dict) -> Path:
         return plot_fusion(path, result)
     if kind == "quantization":
         return plot_quantization(path, result)
+    if kind == "parallel":
+        return plot_parallel(path, result)
+    if kind == "projection":
+        return plot_projection(path, result)
     runs = result["runs"]
     names = [r["name"] for r in runs]
     x = range(len(runs))
@@ -196,6 +200,52 @@ def plot_quantization(path: Path, result: dict) -> Path:
     right.legend(fontsize=8)
     right.set_title("decode speed (llama.cpp-*: llama.cpp's own kernels)")
     fig.suptitle(f"{result['experiment']} - {result['model']}")
+    return save_figure(fig, path)
+
+
+def plot_parallel(path: Path, result: dict) -> Path:
+    """Per run: the bytes one device holds (params, KV cache), and the all-reduce bytes of a decode
+    step as compiled beside Megatron's count."""
+    runs = result["runs"]
+    names, x = [r["name"] for r in runs], range(len(runs))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    params = [r["metrics"]["param_bytes_per_device"] / 1e6 for r in runs]
+    kv = [(r["metrics"]["kv_bytes_per_device"] or 0) / 1e6 for r in runs]
+    left.bar(x, params, label="params")
+    left.bar(x, kv, bottom=params, label="KV cache (tensor-parallel runs)")
+    left.set_ylabel("MB on the fullest device")
+    left.set_title("memory per device")
+    left.legend(fontsize=8)
+    timed = [r for r in runs if r["metrics"]["allreduce_bytes_per_decode_step"] is not None]
+    tx = range(len(timed))
+    for offset, key, label in ((-0.2, "allreduce_bytes_per_decode_step", "all-reduce, compiled HLO"),
+                               (0.2, "megatron_allreduce_bytes_per_decode_step", "all-reduce, Megatron's count")):
+        right.bar([i + offset for i in tx], [r["metrics"][key] / 1e3 for r in timed], width=0.4, label=label)
+    right.bar(list(tx), [r["metrics"]["allgather_bytes_per_decode_step"] / 1e3 for r in timed], width=0.15,
+              color="tab:red", label="all-gather, compiled HLO")
+    right.set_xticks(list(tx), [r["name"] for r in timed], rotation=30, ha="right")
+    right.set_ylabel("KB per decode step")
+    right.set_title("traffic between devices per decode step")
+    right.legend(fontsize=8)
+    left.set_xticks(list(x), names, rotation=30, ha="right")
+    fig.suptitle(f"{result['experiment']} - {result['model']}")
+    return save_figure(fig, path)
+
+
+def plot_projection(path: Path, result: dict) -> Path:
+    """Per (model, GPU): the fullest device's weights and KV cache at the projected layout."""
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(runs)), 4.5))
+    x = range(len(runs))
+    weights = [r["metrics"]["weights_gib_per_device"] for r in runs]
+    ax.bar(x, weights, label="weights")
+    ax.bar(x, [r["metrics"]["kv_gib_per_device"] for r in runs], bottom=weights, label="KV cache")
+    for i, r in enumerate(runs):
+        ax.text(i, 1, f"tp {r['metrics']['tp']} x pp {r['metrics']['pp']}", ha="center", fontsize=7, color="white")
+    ax.set_xticks(list(x), [r["name"] for r in runs], rotation=30, ha="right")
+    ax.set_ylabel("GiB on the fullest device (projected)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['experiment']}: smallest layout that fits (arithmetic, not measured)")
     return save_figure(fig, path)
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lab never reaches the hub at
 
 
 import models  # noqa: E402
+from distributed.mesh import request_cpu_devices  # noqa: E402
 from experiments.config import ConfigError, ExperimentConfig, check_against_model, load_config  # noqa: E402
 from experiments.model_source import read_model_config  # noqa: E402
 from experiments.compile_watch import CompiledWhileTimed  # noqa: E402
@@ -162,6 +163,11 @@ def keep_freed_memory() -> None:
     libc.mallopt(-8, 1)  # M_ARENA_MAX: one arena, so worker threads reuse it too
 
 
+def devices_needed(config: ExperimentConfig) -> int:
+    """The most devices one of the config's runs spreads over (tp x pp; 1 for the others)."""
+    return max(getattr(run, "tp", 1) * getattr(run, "pp", 1) for run in config.runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__)
     parser.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/configs/quickstart.yaml")
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    request_cpu_devices(devices_needed(config))
     if args.keep_freed_memory:
         keep_freed_memory()
     cache = args.compilation_cache

@@ -99,7 +99,39 @@ QUANT_COLUMNS = [
     ("prompt_tokens_per_s", "prompt tok/s", "{:.0f}"),
     ("block_formats_used", "formats used", "{}"),
 ]
-_MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak", "model_bytes"}
+# parallelism: one tp x pp layout per run; bytes per device, traffic per step (KB), times on fake devices
+PARALLEL_COLUMNS = [
+    ("config.tp", "tp", "{}"),
+    ("config.pp", "pp", "{}"),
+    ("param_bytes_per_device", "params MB / device", "{:.1f}"),
+    ("kv_bytes_per_device", "KV MB / device", "{:.2f}"),
+    ("collectives_per_decode_step", "collectives / decode step", "{:d}"),
+    ("allreduce_bytes_per_decode_step", "all-reduce KB (HLO)", "{:.0f}"),
+    ("megatron_allreduce_bytes_per_decode_step", "all-reduce KB (Megatron)", "{:.0f}"),
+    ("allgather_bytes_per_decode_step", "all-gather KB (HLO)", "{:.0f}"),
+    ("stage_transfer_bytes_per_prefill", "stage hand-off KB / prefill", "{:.0f}"),
+    ("decode_step_ms", "decode step ms", "{:.1f}"),
+    ("prefill_ms", "prefill ms", "{:.0f}"),
+    ("logit_max_abs_gap", "max logit gap vs 1 device", "{:.1e}"),
+]
+# projection: a published model's smallest layout on one GPU type (arithmetic, not measured)
+PROJECTION_COLUMNS = [
+    ("config.model_shape", "model", "{}"),
+    ("config.gpu", "GPU", "{}"),
+    ("tp", "tp", "{:d}"),
+    ("pp", "pp", "{:d}"),
+    ("weights_gib_per_device", "weights GiB / device", "{:.1f}"),
+    ("kv_gib_per_device", "KV GiB / device", "{:.1f}"),
+    ("allreduces_per_token", "all-reduces / token", "{:d}"),
+    ("allreduce_mb_per_token", "all-reduce MB / token", "{:.2f}"),
+    ("ring_us_per_token", "ring us / token (NVLink)", "{:.1f}"),
+    ("hbm_decode_step_ms_lower_bound", "decode step ms >= (HBM)", "{:.2f}"),
+    ("recommended", "published advice", "{}"),
+]
+_KB = {"allreduce_bytes_per_decode_step", "megatron_allreduce_bytes_per_decode_step",
+       "allgather_bytes_per_decode_step", "stage_transfer_bytes_per_prefill"}
+_MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak", "model_bytes", "param_bytes_per_device",
+       "kv_bytes_per_device"}
 _SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
@@ -108,6 +140,8 @@ _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),
            "kernel": (KERNEL_COLUMNS, "attention_us_per_call"),
            "fusion": (FUSION_COLUMNS, None),
            "quantization": (QUANT_COLUMNS, None),
+           "parallel": (PARALLEL_COLUMNS, None),
+           "projection": (PROJECTION_COLUMNS, None),
            "decode": (DECODE_COLUMNS, "decode_tokens_per_s")}
 
 
@@ -122,6 +156,10 @@ def _table_kind(runs: list[dict]) -> str:
         return "fusion"
     if all("perplexity" in run["metrics"] for run in runs):
         return "quantization"
+    if all("param_bytes_per_device" in run["metrics"] for run in runs):
+        return "parallel"
+    if all("ring_us_per_token" in run["metrics"] for run in runs):
+        return "projection"
     if all("output_tokens_per_iteration" in run["metrics"] for run in runs):
         return "simulation"
     if any("gemm_gflops" in run["metrics"] for run in runs) or any(
@@ -149,7 +187,8 @@ def markdown_table(runs: list[dict]) -> str:
         cells = [run["name"]]
         for key, _, fmt in columns:
             value = _value(run, key)
-            cells.append("-" if value is None else fmt.format(value / 1e6 if key in _MB else value))
+            scale = 1e6 if key in _MB else 1e3 if key in _KB else 1
+            cells.append("-" if value is None else fmt.format(value / scale if scale > 1 else value))
         if speed:
             cells.append(f"{m[speed] / base:.2f}x" if base and m.get(speed) is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -74,8 +74,8 @@ def check_engine_tokens() -> None:
         return outputs, engine, num_compilations() - before
 
     plain, _, plain_programs = run()
-    for tp in (2, 4):
-        sharded, engine, programs = run(mesh=make_mesh(tp=tp))
+    for tp, placement in ((2, {"tp": 2}), (4, {"mesh": make_mesh(tp=4)})):  # the run-config key, or a mesh
+        sharded, engine, programs = run(**placement)
         assert sharded == plain, (tp, sharded, plain)
         assert programs == plain_programs, (tp, programs, plain_programs)  # no step recompiles on a new sharding
         k_cache = engine.runner.kv_cache[0][0]

@@ -26,6 +26,8 @@ ENGINE_RUNS = {
     "fusion_bench": {"kernels": "xla", "phase": "decode", "batch_size": 2, "context_len": 16, "iterations": 2},
     "quant_eval": {"quantization": "int8", "perplexity_windows": 1, "window": 32, "context_len": 16,
                    "prompt_len": 16, "iterations": 1},
+    "parallel_eval": {"tp": 1, "batch_size": 2, "context_len": 16, "prompt_len": 16, "iterations": 1},
+    "parallel_projection": {"model_shape": "llama-2-7b", "gpu": "A100-80GB"},
 }
 
 
@@ -49,7 +51,8 @@ def test_every_engine_is_registered_and_run_here():
 
 
 @pytest.mark.parametrize("engines", [("static", "hf", "continuous"), ("memory_sim",), ("sharing_sim",),
-                                     ("attention_bench",), ("fusion_bench",), ("quant_eval",)], ids=lambda engines: "+".join(engines))
+                                     ("attention_bench",), ("fusion_bench",), ("quant_eval",),
+                                     ("parallel_eval",), ("parallel_projection",)], ids=lambda engines: "+".join(engines))
 def test_each_engine_reports_exactly_its_registered_metrics(engines, tmp_path):
     from experiments.run import main
 

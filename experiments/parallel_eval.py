@@ -1,0 +1,115 @@
+"""The parallelism benchmark (`engine: parallel_eval`): one tensor x pipeline layout of the
+experiment's model, measured for memory per device, traffic between devices and step time.
+
+- memory: `param_bytes_per_device` and `kv_bytes_per_device`, the most any one device holds of the
+  placed params and of the paged KV cache holding the decode batch's contexts (pipeline runs:
+  params only, the stages have no KV cache yet);
+- traffic (tensor parallel, pp 1): the collectives in the compiled HLO of one decode step of
+  `batch_size` sequences (`distributed/hlo_comm.py`), their all-reduce and all-gather bytes beside
+  Megatron-LM's count, (2 per layer + 1 for the vocab-parallel embedding) all-reduces of a
+  [batch, hidden] activation; pipeline runs: the activation bytes handed from stage to stage
+  (hidden state and residual of every micro-batch at each of the pp - 1 boundaries);
+- time: `decode_step_ms` (tensor parallel: the paged runner's step, pages scattered, median of
+  `iterations`) and `prefill_ms` (the full forward over `batch_size` x `prompt_len` tokens: jitted on
+  the Megatron-sharded params, or through the pipeline's stages and `microbatches`);
+- exactness: `logit_max_abs_gap`, that forward's logits against one device's.
+On fake CPU devices the times show structure, not accelerator speed: every device shares the host's
+cores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from continuous_batching.request import Sequence
+from distributed.hlo_comm import collectives
+from distributed.mesh import make_mesh
+from distributed.pipeline import Pipeline
+from distributed.tensor_parallel import runner_placement, shard_params
+from experiments.decode_step import scattered_runner
+from experiments.roofline import median_seconds
+from experiments.trace import RunTrace
+from models.llama import forward
+
+
+def bytes_per_device(tree) -> int:
+    """The most bytes of `tree`'s arrays that any one device holds."""
+    held: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values())
+
+
+def megatron_allreduce_bytes(config, rows: int, tp: int, itemsize: int = 4) -> int:
+    """Megatron-LM's all-reduce payload for one step of `rows` tokens: two per layer (attention
+    output, MLP down) plus one for the vocab-parallel embedding, each a [rows, hidden] activation."""
+    return 0 if tp == 1 else (2 * config.num_layers + 1) * rows * config.hidden_size * itemsize
+
+
+class ParallelEvalEngine:
+    times_itself = True  # warms up and times each measurement inside serve
+
+    def __init__(self, model: models.Model, run_config, requests):
+        del requests  # the shapes come from the run config
+        self.model, self.run_config = model, run_config
+        self.mesh = make_mesh(tp=run_config.tp, pp=run_config.pp)
+
+    def warmup(self) -> None:
+        pass  # each measurement warms itself up
+
+    def _prompt(self) -> tuple[jax.Array, jax.Array]:
+        rc, vocab = self.run_config, self.model.config.vocab_size
+        tokens = np.random.default_rng(0).integers(3, vocab, (rc.batch_size, rc.prompt_len))
+        return jnp.asarray(tokens, jnp.int32), jnp.broadcast_to(jnp.arange(rc.prompt_len), tokens.shape)
+
+    def _tensor_parallel(self) -> dict:
+        rc, config = self.run_config, self.model.config
+        tokens, positions = self._prompt()
+        run = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])
+        sharded = shard_params(self.model.params, config, self.mesh)
+        logits = run(sharded)  # compiles
+        gap = float(jnp.abs(logits - run(self.model.params)).max())
+        prefill_s = median_seconds(lambda: run(sharded).block_until_ready(), rc.iterations)
+        lens = [rc.context_len] * rc.batch_size
+        runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu",
+                                          mesh=self.mesh, **runner_placement(config, self.mesh))
+        seqs = [Sequence.in_cache(t, n, [5]) for t, n in zip(tables, lens)]
+        comm = collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
+        runner.step(seqs)  # compiles
+        return {"param_bytes_per_device": bytes_per_device(runner.params),
+                "kv_bytes_per_device": bytes_per_device(runner.kv_cache),
+                "collectives_per_decode_step": sum(c["count"] for c in comm.values()),
+                "allreduce_bytes_per_decode_step": comm["all-reduce"]["bytes"],
+                "allgather_bytes_per_decode_step": comm["all-gather"]["bytes"],
+                "megatron_allreduce_bytes_per_decode_step": megatron_allreduce_bytes(config, rc.batch_size, rc.tp),
+                "stage_transfer_bytes_per_prefill": 0,
+                "decode_step_ms": 1e3 * median_seconds(lambda: runner.step(seqs), rc.iterations),
+                "prefill_ms": 1e3 * prefill_s, "logit_max_abs_gap": gap}
+
+    def _pipeline(self) -> dict:
+        rc, config = self.run_config, self.model.config
+        tokens, positions = self._prompt()
+        pipe = Pipeline(self.model.params, config, self.mesh, num_microbatches=rc.microbatches)
+        logits = pipe.forward(tokens, positions)  # compiles every stage
+        want = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])(self.model.params)
+        activations = 2 * rc.batch_size * rc.prompt_len * config.hidden_size * 4  # hidden + residual, f32
+        return {"param_bytes_per_device": bytes_per_device(pipe.stages), "kv_bytes_per_device": None,
+                "collectives_per_decode_step": None, "allreduce_bytes_per_decode_step": None,
+                "allgather_bytes_per_decode_step": None, "megatron_allreduce_bytes_per_decode_step": None,
+                "stage_transfer_bytes_per_prefill": (rc.pp - 1) * activations, "decode_step_ms": None,
+                "prefill_ms": 1e3 * median_seconds(lambda: pipe.forward(tokens, positions).block_until_ready(),
+                                                   rc.iterations),
+                "logit_max_abs_gap": float(jnp.abs(logits - want).max())}
+
+    def serve(self, requests, progress) -> RunTrace:
+        start = time.perf_counter()
+        extra = {"devices": self.run_config.tp * self.run_config.pp,
+                 **(self._tensor_parallel() if self.run_config.pp == 1 else self._pipeline())}
+        progress(len(requests))
+        return RunTrace([], time.perf_counter() - start, 0, 0, 1.0, 0, simulated=True, extra_metrics=extra)
