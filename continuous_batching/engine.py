@@ -33,13 +33,15 @@ from continuous_batching.beam_search import BeamSearchState, round_params
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.engine_stats import EngineStats
 from continuous_batching.model_runner import PagedModelRunner, num_compilations
+from continuous_batching.pipeline_runner import PipelineModelRunner
 from continuous_batching.request import Sequence, Status
 from continuous_batching.reservation import ReservationManager
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.scheduler import Scheduler
 from continuous_batching.step_shapes import ShapeSet
 from continuous_batching.stop_checker import StopChecker
-from distributed.mesh import make_mesh
+from distributed.head_parallel import runner_ops
+from distributed.mesh import axis_size, make_mesh
 from distributed.tensor_parallel import runner_placement
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
@@ -96,7 +98,7 @@ class Engine:
         if config.max_model_len > limit:
             raise ValueError(f"EngineConfig.max_model_len ({config.max_model_len}) must be <= the model's "
                              f"max_position_embeddings ({model.config.name}: {limit})")
-        self.mesh = make_mesh(tp=config.tp) if config.tp > 1 else config.mesh
+        self.mesh = make_mesh(tp=config.tp, pp=config.pp) if config.tp * config.pp > 1 else config.mesh
         if config.paged:
             self.manager = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks,
                                         config.enable_prefix_caching)
@@ -109,12 +111,13 @@ class Engine:
                                    chunked_prefill=config.chunks_prompts,
                                    preemption=config.preemption, admit_when_idle=config.batch_admission,
                                    reserve=reserve)
-        self.runner = PagedModelRunner(model, num_blocks=config.num_blocks, block_size=config.block_size,
-                                       max_num_seqs=config.max_num_seqs,
-                                       max_blocks_per_seq=config.max_blocks_per_seq, backend=config.backend,
-                                       kernels=config.kernels, num_cpu_blocks=config.num_cpu_blocks,
-                                       kv_cache_dtype=config.kv_cache_dtype, mesh=self.mesh,
-                                       **runner_placement(model.config, self.mesh))
+        runner = PipelineModelRunner if axis_size(self.mesh, "pp") > 1 else PagedModelRunner
+        self.runner = runner(model, num_blocks=config.num_blocks, block_size=config.block_size,
+                             max_num_seqs=config.max_num_seqs, max_blocks_per_seq=config.max_blocks_per_seq,
+                             backend=config.backend, kernels=runner_ops(model.config, self.mesh, config.kernels),
+                             num_cpu_blocks=config.num_cpu_blocks,
+                             kv_cache_dtype=config.kv_cache_dtype, mesh=self.mesh,
+                             **runner_placement(model.config, self.mesh))
         if shapes is not None:
             self.runner.shapes = shapes
         self.runner.dry_run = dry_run

@@ -18,9 +18,11 @@ Each technique is a setting of its own, and the four named policies are presets 
     mesh             None, or a jax.sharding.Mesh to run on: params and cache split Megatron-style
                      over its "tp" axis (`distributed.make_mesh`, `distributed/tensor_parallel.py`),
                      replicated over a mesh without one; inputs replicated
-    tp               tensor-parallel degree without a mesh: tp > 1 runs on `make_mesh(tp=tp)`, the
-                     first tp of jax.devices() (on CPU, fake devices: XLA_FLAGS=
-                     --xla_force_host_platform_device_count=N before jax starts its backend)
+    tp, pp           tensor-parallel degree and pipeline stages without a mesh: tp x pp > 1 runs on
+                     `make_mesh(tp=tp, pp=pp)`, the first tp x pp of jax.devices() (on CPU, fake
+                     devices: XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts
+                     its backend); pp > 1 cuts each step into pp micro-batches
+                     (`pipeline_runner.py`) and needs num_cpu_blocks 0
 
     policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
                      for admission, kv_memory and chunked_prefill; a setting given beside it must
@@ -93,7 +95,8 @@ class EngineConfig:
     kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 | int8
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
-    tp: int = 1  # without a mesh: tp > 1 runs on distributed.make_mesh(tp=tp)
+    tp: int = 1  # without a mesh: tp x pp > 1 runs on distributed.make_mesh(tp=tp, pp=pp)
+    pp: int = 1  # pipeline stages (continuous_batching/pipeline_runner.py)
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 
     def __post_init__(self) -> None:
@@ -131,6 +134,10 @@ class EngineConfig:
         check("mesh", self.mesh is None or hasattr(self.mesh, "axis_names"), "None or a jax.sharding.Mesh")
         check("tp", isinstance(self.tp, int) and not isinstance(self.tp, bool) and self.tp >= 1, "an int >= 1")
         check("tp", self.tp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
+        check("pp", isinstance(self.pp, int) and not isinstance(self.pp, bool) and self.pp >= 1, "an int >= 1")
+        check("pp", self.pp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
+        check("num_cpu_blocks", self.pp == 1 or self.num_cpu_blocks == 0,
+              "0 with pp > 1 (swapping is not supported across pipeline stages)")
 
     @property
     def _given(self) -> tuple:

@@ -104,19 +104,12 @@ class PagedModelRunner:
                              "folded into the weights, and these params carry none: fold them first "
                              "(quantization.kv_int8.fold_kv_scales; the harness does it for its runs)")
         self.model, self.backend, self.ops = model, backend, get_ops(kernels)
-        self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads)
+        self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks,
+                                                                        self.ops.kv_heads_seen(config))
         self.max_num_seqs, self.max_blocks, self.num_cpu_blocks = max_num_seqs, max_blocks_per_seq, num_cpu_blocks
-        replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-        self.input_sharding = replicated
         params = self.ops.prepare_params(model.params)  # e.g. fused wqkv / w_gate_up for the pallas set
-        if callable(param_sharding):
-            param_sharding = param_sharding(params)
-        self.params = jax.device_put(params, param_sharding or replicated)
-        cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                                    config.head_dim, cache_dtype(kv_cache_dtype, model.dtype))
-        if mesh is not None or kv_sharding is not None:
-            cache = jax.device_put(cache, kv_sharding or replicated)
-        self.kv_cache = cache
+        self._place(params, num_blocks, block_size, cache_dtype(kv_cache_dtype, model.dtype), mesh,
+                    param_sharding, kv_sharding)
         self.host_pool = None  # per layer (k, v) numpy [kv_heads, num_cpu_blocks, block_size, head_dim]
         # (prefill tokens, prefill rows, decode rows, blocks, decode page pairs, prefill tile pairs)
         self.shapes_run: set[tuple[int, ...]] = set()
@@ -128,6 +121,21 @@ class PagedModelRunner:
         # Called with ("run" | "move_blocks", args) before each piece of device work: a multi-process
         # leader broadcasts it so that every process runs the same programs (`continuous_batching/multihost.py`)
         self.on_device_work = None
+
+    def _place(self, params, num_blocks: int, block_size: int, dtype, mesh, param_sharding, kv_sharding) -> None:
+        """Put the (prepared) params and a zeroed paged KV cache on the device(s): `self.params`,
+        `self.kv_cache`, and the sharding every step's inputs go to (`self.input_sharding`)."""
+        config = self.model.config
+        replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self.input_sharding = replicated
+        if callable(param_sharding):
+            param_sharding = param_sharding(params)
+        self.params = jax.device_put(params, param_sharding or replicated)
+        cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
+                                    config.head_dim, dtype)
+        if mesh is not None or kv_sharding is not None:
+            cache = jax.device_put(cache, kv_sharding or replicated)
+        self.kv_cache = cache
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -179,10 +187,7 @@ class PagedModelRunner:
         prepared = self.prepare(seqs, skip_compiled=self.dry_run)
         if prepared is None:  # a dry run on a compiled shape: each sequence "samples" its last new token
             return StepResult([s.new_tokens[-1] for s in seqs], None)
-        next_tokens, logprobs = self.run(prepared)
-        host_lp = None if logprobs is None else _host_logprobs(logprobs, len(next_tokens))
-        return StepResult([int(next_tokens[r]) for r in prepared.rows],
-                          None if host_lp is None else [host_lp[r] for r in prepared.rows])
+        return step_result(prepared, *self.run(prepared))
 
     def compile_shape(self, shape: StepShape, flags: SamplerFlags) -> None:
         """Compile (by running it on padding only: no token is written) the step program of `shape`."""
@@ -283,6 +288,13 @@ class PagedModelRunner:
             [([], []) if s is None else (s.prompt, s.output) for s in row_seqs] if flags.penalties else None,
             num_rows)
         return tokens, positions, metadata, last, sampler_inputs
+
+
+def step_result(prepared: PreparedStep, next_tokens: np.ndarray, logprobs) -> StepResult:
+    """The prepared sequences' tokens (and log-probs) out of a step's rows, in the order given."""
+    host_lp = None if logprobs is None else _host_logprobs(logprobs, len(next_tokens))
+    return StepResult([int(next_tokens[r]) for r in prepared.rows],
+                      None if host_lp is None else [host_lp[r] for r in prepared.rows])
 
 
 def _host_logprobs(logprobs, num_seqs: int) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -179,6 +179,7 @@ class ContinuousRunConfig(Strict):
     kernels: Literal[KERNEL_SETS] = _engine_default("kernels")
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _engine_default("kv_cache_dtype")
     tp: int = Field(default=_engine_default("tp"), gt=0)  # tensor parallel over tp devices (fake ones on CPU)
+    pp: int = Field(default=_engine_default("pp"), gt=0)  # pipeline stages, each on tp devices
 
 
 class LlamaCppRunConfig(Strict):

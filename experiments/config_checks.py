@@ -303,7 +303,6 @@ def _largest_reservation(run, workload) -> tuple[int, str]:
 
 def _parallel_eval(run, workload) -> Iterator[tuple[str, str]]:
     yield from _ignored(run, "microbatches", run.pp > 1, "to pipeline runs (pp > 1)")
-    yield from _ignored(run, "context_len", run.pp == 1, "to tensor-parallel runs (pp 1: the decode step)")
     if run.batch_size % run.microbatches:
         yield ("microbatches", f"must divide batch_size={run.batch_size} (equal micro-batches); got "
                f"{run.microbatches}, allowed: {[d for d in range(1, run.batch_size + 1) if run.batch_size % d == 0]}")

@@ -2,16 +2,16 @@
 experiment's model, measured for memory per device, traffic between devices and step time.
 
 - memory: `param_bytes_per_device` and `kv_bytes_per_device`, the most any one device holds of the
-  placed params and of the paged KV cache holding the decode batch's contexts (pipeline runs:
-  params only, the stages have no KV cache yet);
-- traffic (tensor parallel, pp 1): the collectives in the compiled HLO of one decode step of
-  `batch_size` sequences (`distributed/hlo_comm.py`), their all-reduce and all-gather bytes beside
+  engine runner's placed params and of its paged KV cache holding the decode batch's contexts;
+- traffic: the collectives in the compiled HLO of one decode step of `batch_size` sequences
+  (tensor parallel, pp 1; `distributed/hlo_comm.py`), their all-reduce and all-gather bytes beside
   Megatron-LM's count, (2 per layer + 1 for the vocab-parallel embedding) all-reduces of a
-  [batch, hidden] activation; pipeline runs: the activation bytes handed from stage to stage
-  (hidden state and residual of every micro-batch at each of the pp - 1 boundaries);
-- time: `decode_step_ms` (tensor parallel: the paged runner's step, pages scattered, median of
-  `iterations`) and `prefill_ms` (the full forward over `batch_size` x `prompt_len` tokens: jitted on
-  the Megatron-sharded params, or through the pipeline's stages and `microbatches`);
+  [batch, hidden] activation; the activation bytes a decode step hands from stage to stage (hidden
+  state and residual of every sequence at each of the pp - 1 boundaries);
+- time: `decode_step_ms` (the runner's step, pages scattered; pipeline runs cut it into pp
+  micro-batches) and `prefill_ms` (the full forward over `batch_size` x `prompt_len` tokens: jitted
+  on the Megatron-sharded params, or through the pipeline's stages and `microbatches`), medians of
+  `iterations`;
 - exactness: `logit_max_abs_gap`, that forward's logits against one device's.
 On fake CPU devices the times show structure, not accelerator speed: every device shares the host's
 cores.
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from continuous_batching.pipeline_runner import PipelineModelRunner
 from continuous_batching.request import Sequence
+from distributed.head_parallel import runner_ops
 from distributed.hlo_comm import collectives
 from distributed.mesh import make_mesh
 from distributed.pipeline import Pipeline
@@ -63,53 +65,46 @@ class ParallelEvalEngine:
     def warmup(self) -> None:
         pass  # each measurement warms itself up
 
-    def _prompt(self) -> tuple[jax.Array, jax.Array]:
-        rc, vocab = self.run_config, self.model.config.vocab_size
-        tokens = np.random.default_rng(0).integers(3, vocab, (rc.batch_size, rc.prompt_len))
-        return jnp.asarray(tokens, jnp.int32), jnp.broadcast_to(jnp.arange(rc.prompt_len), tokens.shape)
-
-    def _tensor_parallel(self) -> dict:
+    def _prefill(self) -> dict:
+        """The full forward over batch_size x prompt_len tokens: time and logit gap vs one device."""
         rc, config = self.run_config, self.model.config
-        tokens, positions = self._prompt()
-        run = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])
-        sharded = shard_params(self.model.params, config, self.mesh)
-        logits = run(sharded)  # compiles
-        gap = float(jnp.abs(logits - run(self.model.params)).max())
-        prefill_s = median_seconds(lambda: run(sharded).block_until_ready(), rc.iterations)
+        vocab = config.vocab_size
+        tokens = jnp.asarray(np.random.default_rng(0).integers(3, vocab, (rc.batch_size, rc.prompt_len)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(rc.prompt_len), tokens.shape)
+        one_device = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])
+        if rc.pp == 1:
+            sharded = shard_params(self.model.params, config, self.mesh)
+            run = lambda: one_device(sharded)  # noqa: E731
+        else:
+            pipe = Pipeline(self.model.params, config, self.mesh, num_microbatches=rc.microbatches)
+            run = lambda: pipe.forward(tokens, positions)  # noqa: E731
+        gap = float(jnp.abs(run() - one_device(self.model.params)).max())
+        return {"prefill_ms": 1e3 * median_seconds(lambda: run().block_until_ready(), rc.iterations),
+                "logit_max_abs_gap": gap}
+
+    def _decode(self) -> dict:
+        """One paged decode step of batch_size sequences through the engine's runner on the mesh
+        (pipeline: micro-batched over the stages): bytes per device, collectives, time."""
+        rc, config = self.run_config, self.model.config
         lens = [rc.context_len] * rc.batch_size
+        placement = {"runner_class": PipelineModelRunner} if rc.pp > 1 else runner_placement(config, self.mesh)
         runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu",
-                                          mesh=self.mesh, **runner_placement(config, self.mesh))
+                                          kernels=runner_ops(config, self.mesh, "xla"), mesh=self.mesh, **placement)
         seqs = [Sequence.in_cache(t, n, [5]) for t, n in zip(tables, lens)]
-        comm = collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
-        runner.step(seqs)  # compiles
+        comm = None if rc.pp > 1 else collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
+        handoff = (rc.pp - 1) * 2 * rc.batch_size * config.hidden_size * 4  # hidden + residual rows, f32
         return {"param_bytes_per_device": bytes_per_device(runner.params),
                 "kv_bytes_per_device": bytes_per_device(runner.kv_cache),
-                "collectives_per_decode_step": sum(c["count"] for c in comm.values()),
-                "allreduce_bytes_per_decode_step": comm["all-reduce"]["bytes"],
-                "allgather_bytes_per_decode_step": comm["all-gather"]["bytes"],
-                "megatron_allreduce_bytes_per_decode_step": megatron_allreduce_bytes(config, rc.batch_size, rc.tp),
-                "stage_transfer_bytes_per_prefill": 0,
-                "decode_step_ms": 1e3 * median_seconds(lambda: runner.step(seqs), rc.iterations),
-                "prefill_ms": 1e3 * prefill_s, "logit_max_abs_gap": gap}
-
-    def _pipeline(self) -> dict:
-        rc, config = self.run_config, self.model.config
-        tokens, positions = self._prompt()
-        pipe = Pipeline(self.model.params, config, self.mesh, num_microbatches=rc.microbatches)
-        logits = pipe.forward(tokens, positions)  # compiles every stage
-        want = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])(self.model.params)
-        activations = 2 * rc.batch_size * rc.prompt_len * config.hidden_size * 4  # hidden + residual, f32
-        return {"param_bytes_per_device": bytes_per_device(pipe.stages), "kv_bytes_per_device": None,
-                "collectives_per_decode_step": None, "allreduce_bytes_per_decode_step": None,
-                "allgather_bytes_per_decode_step": None, "megatron_allreduce_bytes_per_decode_step": None,
-                "stage_transfer_bytes_per_prefill": (rc.pp - 1) * activations, "decode_step_ms": None,
-                "prefill_ms": 1e3 * median_seconds(lambda: pipe.forward(tokens, positions).block_until_ready(),
-                                                   rc.iterations),
-                "logit_max_abs_gap": float(jnp.abs(logits - want).max())}
+                "collectives_per_decode_step": None if comm is None else sum(c["count"] for c in comm.values()),
+                "allreduce_bytes_per_decode_step": None if comm is None else comm["all-reduce"]["bytes"],
+                "allgather_bytes_per_decode_step": None if comm is None else comm["all-gather"]["bytes"],
+                "megatron_allreduce_bytes_per_decode_step": None if comm is None else megatron_allreduce_bytes(
+                    config, rc.batch_size, rc.tp),
+                "stage_handoff_bytes_per_decode_step": handoff,
+                "decode_step_ms": 1e3 * median_seconds(lambda: runner.step(seqs), rc.iterations)}
 
     def serve(self, requests, progress) -> RunTrace:
         start = time.perf_counter()
-        extra = {"devices": self.run_config.tp * self.run_config.pp,
-                 **(self._tensor_parallel() if self.run_config.pp == 1 else self._pipeline())}
+        extra = {"devices": self.run_config.tp * self.run_config.pp, **self._decode(), **self._prefill()}
         progress(len(requests))
         return RunTrace([], time.perf_counter() - start, 0, 0, 1.0, 0, simulated=True, extra_metrics=extra)

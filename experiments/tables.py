@@ -109,7 +109,7 @@ PARALLEL_COLUMNS = [
     ("allreduce_bytes_per_decode_step", "all-reduce KB (HLO)", "{:.0f}"),
     ("megatron_allreduce_bytes_per_decode_step", "all-reduce KB (Megatron)", "{:.0f}"),
     ("allgather_bytes_per_decode_step", "all-gather KB (HLO)", "{:.0f}"),
-    ("stage_transfer_bytes_per_prefill", "stage hand-off KB / prefill", "{:.0f}"),
+    ("stage_handoff_bytes_per_decode_step", "stage hand-off KB / decode step", "{:.0f}"),
     ("decode_step_ms", "decode step ms", "{:.1f}"),
     ("prefill_ms", "prefill ms", "{:.0f}"),
     ("logit_max_abs_gap", "max logit gap vs 1 device", "{:.1e}"),
@@ -129,7 +129,7 @@ PROJECTION_COLUMNS = [
     ("recommended", "published advice", "{}"),
 ]
 _KB = {"allreduce_bytes_per_decode_step", "megatron_allreduce_bytes_per_decode_step",
-       "allgather_bytes_per_decode_step", "stage_transfer_bytes_per_prefill"}
+       "allgather_bytes_per_decode_step", "stage_handoff_bytes_per_decode_step"}
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak", "model_bytes", "param_bytes_per_device",
        "kv_bytes_per_device"}
 _SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere

@@ -73,12 +73,19 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, kv_cache: l
                                                       metadata, config=config, backend=backend, ops=ops)
         if new_cache is not None:
             new_cache.append(layer_cache)
+    return final_logits(params, hidden, residual, config=config, ops=ops, logits_indices=logits_indices), new_cache
+
+
+def final_logits(params: Params, hidden: jax.Array, residual: jax.Array | None, *, config: ModelConfig, ops: Ops,
+                 logits_indices: jax.Array | None = None) -> jax.Array:
+    """The last layer's (hidden, residual) carry -> final RMSNorm -> LM head (the tied embedding, or
+    `lm_head`): f32 logits [*lead, vocab], or [k, vocab] at `logits_indices` of the flattened tokens."""
     x, _ = ops.rms_norm(hidden, params["final_norm"], config.rms_norm_eps, residual)
     if logits_indices is not None:
         x = x.reshape(-1, x.shape[-1])[logits_indices]  # [k, hidden]
     if config.tie_word_embeddings:
-        return ops.logits(x, params["embed"], transposed=True), new_cache
-    return ops.logits(x, params["lm_head"]), new_cache
+        return ops.logits(x, params["embed"], transposed=True)
+    return ops.logits(x, params["lm_head"])
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype: str = "float32", std: float = 0.02) -> Params:

@@ -82,6 +82,12 @@ class Ops:
     name: str = "xla"
     jit_step: ClassVar[bool] = True  # a runner compiles its whole step as one program around these ops
 
+    def kv_heads_seen(self, config) -> int:
+        """KV heads one attention call of this set sees: the model's (a set that runs attention per
+        device on its share of the heads, `distributed/head_parallel.py`, sees that share); the
+        paged metadata's index lists are built for this many."""
+        return config.num_kv_heads
+
     def prepare_params(self, params: dict) -> dict:
         """The params layout this set runs on, made once when a runner takes the model (a set
         whose kernels read fused weights fuses them here); the `xla` set runs on either layout."""

@@ -1,5 +1,5 @@
 """Reading collectives out of HLO text (distributed/hlo_comm.py), asking XLA for fake CPU devices
-(distributed/mesh.py), and the engine's `tp` setting."""
+(distributed/mesh.py), and the engine's `tp` / `pp` settings."""
 
 from __future__ import annotations
 
@@ -42,3 +42,8 @@ def test_engine_tp_setting_is_checked():
         EngineConfig(tp=0)
     with pytest.raises(EngineConfigError, match="EngineConfig.tp must be 1 when a mesh is given"):
         EngineConfig(tp=2, mesh=make_mesh())
+
+
+def test_pipeline_stages_refuse_swapping():
+    with pytest.raises(EngineConfigError, match="num_cpu_blocks must be 0 with pp > 1"):
+        EngineConfig(pp=2, num_cpu_blocks=4, preemption="swap")

@@ -2,7 +2,8 @@
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax is imported): tensor
 parallelism at tp 2 / 4 / 8 in both forms (GSPMD shardings, and the shard_map layer with explicit
 psums), pipeline stages with micro-batches (pp 2 / 3 / 4, and pp x tp), all giving one device's
-logits, and the engine's greedy tokens with params and cache split. Prints one line per check."""
+logits, and the engine's tokens with params and cache split over tp, over pipeline stages, or both.
+Prints one line per check."""
 
 from __future__ import annotations
 
@@ -60,26 +61,50 @@ def check_logits() -> None:
     print(f"int8 tp 4: max |logit gap| {gap:.1e}")
 
 
+PROMPTS = [np.random.default_rng(1).integers(3, EVEN.vocab_size, int(n)).tolist()
+           for n in np.random.default_rng(2).integers(3, 25, 6)]
+SETTINGS = dict(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=48, max_model_len=64)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def engine_tokens(model: models.Model, sampling: SamplingParams = GREEDY, **extra):
+    """(each request's samples' tokens, the engine, step programs compiled) for PROMPTS."""
+    before = num_compilations()
+    engine = Engine(model, EngineConfig(**SETTINGS, **extra))
+    outputs = [[c.token_ids for c in o.outputs] for o in engine.generate(PROMPTS, sampling, progress=False)]
+    return outputs, engine, num_compilations() - before
+
+
 def check_engine_tokens() -> None:
+    """Tensor parallel engine: params and cache split (tp 2: attention on each device's own KV
+    head), or the cache replicated (tp 4): one device's tokens, no extra step programs."""
     model = models.Model(config=EVEN, params=init_params(EVEN, seed=3))
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, EVEN.vocab_size, int(n)).tolist() for n in rng.integers(3, 25, 6)]
-    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    settings = dict(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=48, max_model_len=64)
-
-    def run(**extra):
-        before = num_compilations()
-        engine = Engine(model, EngineConfig(**settings, **extra))
-        outputs = [o.outputs[0].token_ids for o in engine.generate(prompts, sampling, progress=False)]
-        return outputs, engine, num_compilations() - before
-
-    plain, _, plain_programs = run()
+    plain, _, plain_programs = engine_tokens(model)
     for tp, placement in ((2, {"tp": 2}), (4, {"mesh": make_mesh(tp=4)})):  # the run-config key, or a mesh
-        sharded, engine, programs = run(**placement)
+        sharded, engine, programs = engine_tokens(model, **placement)
         assert sharded == plain, (tp, sharded, plain)
         assert programs == plain_programs, (tp, programs, plain_programs)  # no step recompiles on a new sharding
         k_cache = engine.runner.kv_cache[0][0]
-        print(f"engine tp {tp}: same greedy tokens; KV cache per device {k_cache.addressable_shards[0].data.shape}")
+        print(f"engine tp {tp} ({engine.runner.ops.name}): same greedy tokens; KV cache per device "
+              f"{k_cache.addressable_shards[0].data.shape}")
+
+
+def check_engine_pipeline() -> None:
+    """Pipeline stages in the engine (each stage its layers' cache, steps micro-batched): one
+    device's greedy tokens, and sampled tokens with prompt blocks shared copy-on-write."""
+    deep = dataclasses.replace(EVEN, num_layers=4)
+    model = models.Model(config=deep, params=init_params(deep, seed=3))
+    plain, _, _ = engine_tokens(model)
+    for placement in ({"pp": 2}, {"pp": 4}, {"pp": 2, "tp": 2}, {"pp": 3, "enable_prefix_caching": True}):
+        staged, engine, _ = engine_tokens(model, **placement)
+        assert staged == plain, (placement, staged, plain)
+        devices = [sorted(d.id for d in layer[0].sharding.device_set) for layer in engine.runner.kv_cache]
+        print(f"engine {placement}: same greedy tokens; each layer's KV cache on devices {devices}")
+    sampled = SamplingParams(max_tokens=6, temperature=0.8, n=3, seed=7)
+    one, _, _ = engine_tokens(model, sampled, enable_prefix_caching=True)
+    staged, _, _ = engine_tokens(model, sampled, enable_prefix_caching=True, pp=2)
+    assert staged == one
+    print("engine pp 2: same sampled tokens with n=3 samples sharing their prompt's blocks")
 
 
 def check_megatron_layer() -> None:
@@ -126,4 +151,5 @@ if __name__ == "__main__":
     check_megatron_layer()
     check_logits()
     check_engine_tokens()
+    check_engine_pipeline()
     print("tensor parallel ok")

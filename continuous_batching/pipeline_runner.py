@@ -1,0 +1,84 @@
+"""The paged model runner over pipeline stages (`EngineConfig.pp > 1`): the same scheduler, block
+tables and step preparation as `PagedModelRunner`, with the model split by `distributed.Pipeline`.
+
+Each step's sequences are cut into up to `pp` micro-batches (contiguous, as even as the count
+allows; pp of them are the fewest that keep every stage busy once the pipeline fills), each
+prepared on its own (its own bucketed shape and paged metadata, `PagedModelRunner.prepare`), then
+walked through the stages in order: jax's asynchronous dispatch lets stage 0 run micro-batch 1
+while stage 1 runs micro-batch 0 (the in-flight micro-batches of FasterTransformer's and vLLM's
+pipeline parallelism). Each stage keeps the paged KV cache of its own layers over the same block
+ids, so one block table serves all stages and a copy-on-write copies the block in every stage.
+The last stage's logits are sampled on its devices by the runner's sampler, one program per
+micro-batch. Swapping to host memory is not supported here (preemption recomputes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from continuous_batching.model_runner import PagedModelRunner, PreparedStep, StepResult, _sample_alone, step_result
+from continuous_batching.request import Sequence
+from distributed.mesh import axis_size
+from distributed.pipeline import Pipeline
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` cut into min(parts, len(items)) contiguous, non-empty runs whose lengths differ by <= 1."""
+    parts = max(1, min(parts, len(items)))
+    bounds = np.linspace(0, len(items), parts + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class PipelineModelRunner(PagedModelRunner):
+    """`PagedModelRunner` whose params and KV cache live on the stages of a ("dp", "pp", "tp") mesh."""
+
+    def _place(self, params, num_blocks: int, block_size: int, dtype, mesh, param_sharding, kv_sharding) -> None:
+        if self.num_cpu_blocks:
+            raise ValueError(f"num_cpu_blocks must be 0 with pipeline stages (got {self.num_cpu_blocks}): "
+                             f"swapping is not supported across stages; use preemption='recompute'")
+        self.num_microbatches = axis_size(mesh, "pp")
+        self.pipeline = Pipeline(params, self.model.config, mesh)
+        self.pipeline.init_caches(num_blocks, block_size, dtype)
+        self.params = self.pipeline.stages
+        self.input_sharding = None  # each stage places its own inputs
+        self._last_stage = NamedSharding(self.pipeline.meshes[-1], PartitionSpec())
+
+    @property
+    def kv_cache(self) -> list:
+        """Every stage's layer caches, first layer first."""
+        return [layer for stage in self.pipeline.caches for layer in stage]
+
+    def step(self, seqs: list[Sequence]) -> StepResult:
+        if not 0 < len(seqs) <= self.max_num_seqs:
+            raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
+        chunks = split_evenly(seqs, self.num_microbatches)
+        prepared = [self.prepare(chunk, skip_compiled=self.dry_run) for chunk in chunks]
+        if self.dry_run and all(p is None for p in prepared):
+            return StepResult([s.new_tokens[-1] for s in seqs], None)
+        prepared = [p or self.prepare(chunk) for p, chunk in zip(prepared, chunks)]
+        results = [step_result(p, *out) for p, out in zip(prepared, self.run_microbatches(prepared))]
+        logprobs = None if all(r.logprobs is None for r in results) else [
+            lp for r in results for lp in (r.logprobs or [None] * len(r.tokens))]
+        return StepResult([t for r in results for t in r.tokens], logprobs)
+
+    def run(self, prepared: PreparedStep) -> tuple[np.ndarray, object]:
+        return self.run_microbatches([prepared])[0]
+
+    def run_microbatches(self, prepared: list[PreparedStep]) -> list[tuple[np.ndarray, object]]:
+        """Walk the prepared micro-batches through the stages, then sample each on the last stage:
+        [(i32[rows] next tokens on the host, device log-probs or None)] per micro-batch."""
+        for p in prepared:
+            self.shapes.add(p.shape, p.flags)
+            self.shapes_run.add(dataclasses.astuple(p.shape))
+        logits = self.pipeline.paged_step([p.inputs[:4] for p in prepared], backend=self.backend, ops=self.ops)
+        sampled = [_sample_alone(rows, jax.device_put(p.inputs[4], self._last_stage), p.flags)
+                   for rows, p in zip(logits, prepared)]
+        return [(np.asarray(tokens), logprobs) for tokens, logprobs in sampled]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src, dst = (np.asarray(x, np.int32) for x in zip(*copies))
+            self.pipeline.copy_blocks(src, dst)
