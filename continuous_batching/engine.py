@@ -42,6 +42,7 @@ from continuous_batching.step_shapes import ShapeSet
 from continuous_batching.stop_checker import StopChecker
 from distributed.head_parallel import runner_ops
 from distributed.mesh import axis_size, make_mesh
+from distributed.offload import offload_placement
 from distributed.tensor_parallel import runner_placement
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
@@ -116,14 +117,24 @@ class Engine:
                              max_num_seqs=config.max_num_seqs, max_blocks_per_seq=config.max_blocks_per_seq,
                              backend=config.backend, kernels=runner_ops(model.config, self.mesh, config.kernels),
                              num_cpu_blocks=config.num_cpu_blocks,
-                             kv_cache_dtype=config.kv_cache_dtype, mesh=self.mesh,
-                             **runner_placement(model.config, self.mesh))
+                             kv_cache_dtype=config.kv_cache_dtype, mesh=self.mesh, **self._placement())
         if shapes is not None:
             self.runner.shapes = shapes
         self.runner.dry_run = dry_run
         self.requests: dict[int, _Request] = {}
         self._request_ids, self._seq_ids = itertools.count(), itertools.count()
         self.stats = EngineStats()
+
+    def _placement(self) -> dict:
+        """The runner's param / cache placement: Megatron's on a mesh, host offload of the last
+        `offload_layers` layers on one device, or the default device."""
+        if self.config.offload_layers:
+            layers = self.model.config.num_layers
+            if self.config.offload_layers > layers:
+                raise ValueError(f"EngineConfig.offload_layers ({self.config.offload_layers}) must be <= the "
+                                 f"model's {layers} layers ({self.model.config.name})")
+            return offload_placement(self.config.offload_layers)
+        return runner_placement(self.model.config, self.mesh)
 
     # ----- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | dict | None = None) -> int:

@@ -23,6 +23,9 @@ Each technique is a setting of its own, and the four named policies are presets 
                      devices: XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts
                      its backend); pp > 1 cuts each step into pp micro-batches
                      (`pipeline_runner.py`) and needs num_cpu_blocks 0
+    offload_layers   one device only: the last N layers' weights stay in host memory and come in
+                     when their layer runs (ZeRO-Inference; llama.cpp's -ngl = num_layers - N;
+                     `distributed/offload.py`)
 
     policy           static | request_level | continuous | chunked_prefill (`POLICIES`): a preset
                      for admission, kv_memory and chunked_prefill; a setting given beside it must
@@ -97,6 +100,7 @@ class EngineConfig:
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
     tp: int = 1  # without a mesh: tp x pp > 1 runs on distributed.make_mesh(tp=tp, pp=pp)
     pp: int = 1  # pipeline stages (continuous_batching/pipeline_runner.py)
+    offload_layers: int = 0  # last layers whose weights stay in host memory (distributed/offload.py)
     seed: int = 0  # requests without a seed get fold_in(key(seed), request id)
 
     def __post_init__(self) -> None:
@@ -138,6 +142,10 @@ class EngineConfig:
         check("pp", self.pp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
         check("num_cpu_blocks", self.pp == 1 or self.num_cpu_blocks == 0,
               "0 with pp > 1 (swapping is not supported across pipeline stages)")
+        check("offload_layers", isinstance(self.offload_layers, int) and not isinstance(self.offload_layers, bool)
+              and self.offload_layers >= 0, "an int >= 0")
+        check("offload_layers", self.offload_layers == 0 or (self.mesh is None and self.tp * self.pp == 1),
+              "0 on a mesh (offload places weights for one device: tp = pp = 1, no mesh)")
 
     @property
     def _given(self) -> tuple:

@@ -180,6 +180,7 @@ class ContinuousRunConfig(Strict):
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _engine_default("kv_cache_dtype")
     tp: int = Field(default=_engine_default("tp"), gt=0)  # tensor parallel over tp devices (fake ones on CPU)
     pp: int = Field(default=_engine_default("pp"), gt=0)  # pipeline stages, each on tp devices
+    offload_layers: int = Field(default=_engine_default("offload_layers"), ge=0)  # last layers kept in host memory
 
 
 class LlamaCppRunConfig(Strict):
@@ -220,7 +221,8 @@ class ParallelEvalRunConfig(Strict):
     engine: Literal["parallel_eval"]
     tp: int = Field(default=1, gt=0)  # tensor-parallel degree (Megatron layout, distributed/tensor_parallel.py)
     pp: int = Field(default=1, gt=0)  # pipeline stages (distributed/pipeline.py; prefill only)
-    microbatches: int = Field(default=1, gt=0)  # pp > 1: micro-batches the batch is cut into
+    microbatches: int = Field(default=1, gt=0)  # pp > 1: micro-batches the prefill batch is cut into
+    offload_layers: int = Field(default=0, ge=0)  # tp = pp = 1: the last layers' weights stay in host memory
     batch_size: int = Field(default=8, gt=0)  # sequences in the decode step and in the prefill forward
     context_len: int = Field(default=128, gt=0)  # decode: each sequence's context
     prompt_len: int = Field(default=128, gt=0)  # prefill: each sequence's prompt

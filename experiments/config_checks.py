@@ -76,6 +76,9 @@ def check_model_limits(config, model_config) -> list[Problem]:
             problems.append((f"runs[{i}].mode", f"beam_search runs the model on requests of up to "
                              f"{_describe_longest(config.workload)}, beyond its max_position_embeddings "
                              f"({model_config.name}: {limit}); lower the workload caps to <= {limit} in all"))
+        if run.engine in ("continuous", "parallel_eval") and run.offload_layers > model_config.num_layers:
+            problems.append((f"runs[{i}].offload_layers", f"{run.offload_layers} layers, but {model_config.name} has "
+                             f"{model_config.num_layers}; allowed: 0..{model_config.num_layers}"))
         if run.engine == "parallel_eval" and run.pp > model_config.num_layers:
             problems.append((f"runs[{i}].pp", f"{run.pp} stages, but {model_config.name} has "
                              f"{model_config.num_layers} layers; allowed: 1..{model_config.num_layers}"))
@@ -303,6 +306,8 @@ def _largest_reservation(run, workload) -> tuple[int, str]:
 
 def _parallel_eval(run, workload) -> Iterator[tuple[str, str]]:
     yield from _ignored(run, "microbatches", run.pp > 1, "to pipeline runs (pp > 1)")
+    if run.offload_layers and run.tp * run.pp > 1:
+        yield ("offload_layers", f"applies to one device (tp = pp = 1); got tp {run.tp}, pp {run.pp}")
     if run.batch_size % run.microbatches:
         yield ("microbatches", f"must divide batch_size={run.batch_size} (equal micro-batches); got "
                f"{run.microbatches}, allowed: {[d for d in range(1, run.batch_size + 1) if run.batch_size % d == 0]}")

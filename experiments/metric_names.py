@@ -32,7 +32,7 @@ QUANT_METRICS = ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tok
                  "decode_b64_tokens_per_s", "prompt_tokens_per_s", "block_formats_used")
 
 # the parallelism table's metrics (experiments/parallel_eval.py)
-PARALLEL_METRICS = ("devices", "param_bytes_per_device", "kv_bytes_per_device", "collectives_per_decode_step",
+PARALLEL_METRICS = ("devices", "param_bytes_per_device", "host_param_bytes", "kv_bytes_per_device", "collectives_per_decode_step",
                     "allreduce_bytes_per_decode_step", "allgather_bytes_per_decode_step",
                     "megatron_allreduce_bytes_per_decode_step", "stage_handoff_bytes_per_decode_step",
                     "decode_step_ms", "prefill_ms", "logit_max_abs_gap")

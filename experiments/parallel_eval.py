@@ -1,8 +1,10 @@
 """The parallelism benchmark (`engine: parallel_eval`): one tensor x pipeline layout of the
 experiment's model, measured for memory per device, traffic between devices and step time.
 
-- memory: `param_bytes_per_device` and `kv_bytes_per_device`, the most any one device holds of the
-  engine runner's placed params and of its paged KV cache holding the decode batch's contexts;
+- memory: `param_bytes_per_device` and `kv_bytes_per_device`, the most any one device holds in its
+  own memory of the engine runner's placed params and of its paged KV cache holding the decode
+  batch's contexts; `host_param_bytes`, the weights left in host memory (`offload_layers`: the last
+  layers, brought to the device as they run, `distributed/offload.py`; one device);
 - traffic: the collectives in the compiled HLO of one decode step of `batch_size` sequences
   (tensor parallel, pp 1; `distributed/hlo_comm.py`), their all-reduce and all-gather bytes beside
   Megatron-LM's count, (2 per layer + 1 for the vocab-parallel embedding) all-reduces of a
@@ -31,6 +33,7 @@ from continuous_batching.request import Sequence
 from distributed.head_parallel import runner_ops
 from distributed.hlo_comm import collectives
 from distributed.mesh import make_mesh
+from distributed.offload import HOST, bytes_by_memory, offload_placement, offload_shardings
 from distributed.pipeline import Pipeline
 from distributed.tensor_parallel import runner_placement, shard_params
 from experiments.decode_step import scattered_runner
@@ -40,9 +43,12 @@ from models.llama import forward
 
 
 def bytes_per_device(tree) -> int:
-    """The most bytes of `tree`'s arrays that any one device holds."""
+    """The most bytes of `tree`'s arrays that any one device holds in its own memory (host-memory
+    arrays, `distributed/offload.py`, left out)."""
     held: dict = {}
     for leaf in jax.tree_util.tree_leaves(tree):
+        if leaf.sharding.memory_kind not in (None, "device"):
+            continue
         for shard in leaf.addressable_shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
     return max(held.values())
@@ -60,7 +66,7 @@ class ParallelEvalEngine:
     def __init__(self, model: models.Model, run_config, requests):
         del requests  # the shapes come from the run config
         self.model, self.run_config = model, run_config
-        self.mesh = make_mesh(tp=run_config.tp, pp=run_config.pp)
+        self.mesh = None if run_config.offload_layers else make_mesh(tp=run_config.tp, pp=run_config.pp)
 
     def warmup(self) -> None:
         pass  # each measurement warms itself up
@@ -72,7 +78,10 @@ class ParallelEvalEngine:
         tokens = jnp.asarray(np.random.default_rng(0).integers(3, vocab, (rc.batch_size, rc.prompt_len)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(rc.prompt_len), tokens.shape)
         one_device = jax.jit(lambda params: forward(params, tokens, positions, config=config)[0])
-        if rc.pp == 1:
+        if rc.offload_layers:
+            placed = jax.device_put(self.model.params, offload_shardings(self.model.params, rc.offload_layers))
+            run = lambda: one_device(placed)  # noqa: E731
+        elif rc.pp == 1:
             sharded = shard_params(self.model.params, config, self.mesh)
             run = lambda: one_device(sharded)  # noqa: E731
         else:
@@ -87,13 +96,19 @@ class ParallelEvalEngine:
         (pipeline: micro-batched over the stages): bytes per device, collectives, time."""
         rc, config = self.run_config, self.model.config
         lens = [rc.context_len] * rc.batch_size
-        placement = {"runner_class": PipelineModelRunner} if rc.pp > 1 else runner_placement(config, self.mesh)
+        if rc.offload_layers:
+            placement = offload_placement(rc.offload_layers)
+        elif rc.pp > 1:
+            placement = {"runner_class": PipelineModelRunner}
+        else:
+            placement = runner_placement(config, self.mesh)
         runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu",
                                           kernels=runner_ops(config, self.mesh, "xla"), mesh=self.mesh, **placement)
         seqs = [Sequence.in_cache(t, n, [5]) for t, n in zip(tables, lens)]
         comm = None if rc.pp > 1 else collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
         handoff = (rc.pp - 1) * 2 * rc.batch_size * config.hidden_size * 4  # hidden + residual rows, f32
         return {"param_bytes_per_device": bytes_per_device(runner.params),
+                "host_param_bytes": bytes_by_memory(runner.params).get(HOST, 0),
                 "kv_bytes_per_device": bytes_per_device(runner.kv_cache),
                 "collectives_per_decode_step": None if comm is None else sum(c["count"] for c in comm.values()),
                 "allreduce_bytes_per_decode_step": None if comm is None else comm["all-reduce"]["bytes"],

@@ -204,15 +204,18 @@ def plot_quantization(path: Path, result: dict) -> Path:
 
 
 def plot_parallel(path: Path, result: dict) -> Path:
-    """Per run: the bytes one device holds (params, KV cache), and the all-reduce bytes of a decode
-    step as compiled beside Megatron's count."""
+    """Per run: the bytes one device holds (params, KV cache; offloaded params, in host memory, on
+    top), and the all-reduce bytes of a decode step as compiled beside Megatron's count."""
     runs = result["runs"]
     names, x = [r["name"] for r in runs], range(len(runs))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     params = [r["metrics"]["param_bytes_per_device"] / 1e6 for r in runs]
     kv = [(r["metrics"]["kv_bytes_per_device"] or 0) / 1e6 for r in runs]
     left.bar(x, params, label="params")
-    left.bar(x, kv, bottom=params, label="KV cache (tensor-parallel runs)")
+    left.bar(x, kv, bottom=params, label="KV cache")
+    host = [(r["metrics"].get("host_param_bytes") or 0) / 1e6 for r in runs]
+    left.bar(x, host, bottom=[p + k for p, k in zip(params, kv)], color="lightgray", hatch="//",
+             label="params in host memory (offload)")
     left.set_ylabel("MB on the fullest device")
     left.set_title("memory per device")
     left.legend(fontsize=8)

@@ -103,7 +103,9 @@ QUANT_COLUMNS = [
 PARALLEL_COLUMNS = [
     ("config.tp", "tp", "{}"),
     ("config.pp", "pp", "{}"),
+    ("config.offload_layers", "layers on host", "{}"),
     ("param_bytes_per_device", "params MB / device", "{:.1f}"),
+    ("host_param_bytes", "params MB on host", "{:.1f}"),
     ("kv_bytes_per_device", "KV MB / device", "{:.2f}"),
     ("collectives_per_decode_step", "collectives / decode step", "{:d}"),
     ("allreduce_bytes_per_decode_step", "all-reduce KB (HLO)", "{:.0f}"),
@@ -131,7 +133,7 @@ PROJECTION_COLUMNS = [
 _KB = {"allreduce_bytes_per_decode_step", "megatron_allreduce_bytes_per_decode_step",
        "allgather_bytes_per_decode_step", "stage_handoff_bytes_per_decode_step"}
 _MB = {"kv_bytes_allocated_peak", "kv_bytes_used_peak", "model_bytes", "param_bytes_per_device",
-       "kv_bytes_per_device"}
+       "kv_bytes_per_device", "host_param_bytes"}
 _SHOWN_WHEN_NONZERO = {"cached_prompt_token_fraction"}  # prefix caching: a column of zeros elsewhere
 # table kind -> (columns, metric of the last column's ratio to the first run; None: no such column)
 _TABLES = {"serving": (TABLE_COLUMNS, "output_tokens_per_s"),

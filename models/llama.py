@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.host_offload import to_device
 from models.ops import Ops, get_ops, rope_cos_sin
 
 Params = dict[str, Any]
@@ -44,6 +45,7 @@ def decoder_layer(layer: Params, hidden: jax.Array, residual: jax.Array | None, 
     layer_cache) for the next layer; the residual add is left to the next norm, so an ops set can
     fuse it (vLLM's fused add + RMSNorm). hidden, residual: [*lead, hidden_size]."""
     eps = config.rms_norm_eps
+    layer = to_device(layer)  # weights offloaded to host memory come in now (models/host_offload.py)
     h, residual = ops.rms_norm(hidden, layer["attn_norm"], eps, residual)
     out, layer_cache = ops.self_attention(h, layer, cos, sin, layer_cache, positions, metadata, config=config,
                                           backend=backend)
