@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 
-NOTEBOOKS = ("paged_attention", "continuous_batching", "kernel_fusion", "quantization")
+NOTEBOOKS = ("paged_attention", "continuous_batching", "kernel_fusion", "quantization", "distributed")
 
 
 def cells(name: str) -> list[tuple[str, str]]:
@@ -46,7 +46,8 @@ def execute(path: Path, root: Path) -> None:
 
 if __name__ == "__main__":
     here = Path(__file__).parent
-    for name in NOTEBOOKS:
+    chosen = [a for a in sys.argv[1:] if not a.startswith("--")] or NOTEBOOKS  # names given: only those
+    for name in chosen:
         build(cells(name), here / f"{name}.ipynb")
         if "--no-execute" not in sys.argv[1:]:
             execute(here / f"{name}.ipynb", here.parent)

@@ -15,8 +15,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["continuous_batching.ipynb", "kernel_fusion.ipynb", "paged_attention.ipynb",
-                                            "quantization.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["continuous_batching.ipynb", "distributed.ipynb", "kernel_fusion.ipynb",
+                                            "paged_attention.ipynb", "quantization.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
