@@ -107,6 +107,18 @@ def check_engine_pipeline() -> None:
     print("engine pp 2: same sampled tokens with n=3 samples sharing their prompt's blocks")
 
 
+def check_engine_int8() -> None:
+    """An int8 weight-only model (codes and scales split with their weights) through the engine at
+    tp 2 and pp 2: the greedy tokens of the same int8 model on one device."""
+    deep = dataclasses.replace(EVEN, num_layers=4)
+    model = models.Model(config=deep, params=quantize_params(init_params(deep, seed=3), "int8"))
+    plain, _, _ = engine_tokens(model)
+    for placement in ({"tp": 2}, {"pp": 2}):
+        split, engine, _ = engine_tokens(model, **placement)
+        assert split == plain, (placement, split, plain)
+        print(f"engine int8 {placement}: same greedy tokens as int8 on one device")
+
+
 def check_megatron_layer() -> None:
     """The shard_map layer (two explicit psums) against one device's decoder_layer."""
     layer = init_params(EVEN, seed=3)["layers"][0]
@@ -152,4 +164,5 @@ if __name__ == "__main__":
     check_logits()
     check_engine_tokens()
     check_engine_pipeline()
+    check_engine_int8()
     print("tensor parallel ok")
