@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -31,35 +32,48 @@ import models
 from continuous_batching.engine import Engine
 from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
-from distributed.mesh import make_mesh
+from distributed.mesh import axis_size, make_mesh
 from distributed.multihost import broadcast_object, initialize_from_env
 
 STOP = ("stop", ())
 
 
-def check_multihost(config: EngineConfig) -> None:
+def check_multihost(config: EngineConfig, mesh=None) -> None:
+    """Refuse what the processes cannot share: swapping (a swapped block would need every process's
+    shard) and pipeline stages (their runner steps stage by stage, not as one broadcast program)."""
     if config.num_cpu_blocks:
         raise ValueError(f"EngineConfig.num_cpu_blocks must be 0 across processes (got {config.num_cpu_blocks}): "
                          f"a block swapped to host memory would need every process's shard; use "
                          f"preemption='recompute'")
+    if config.pp > 1 or axis_size(mesh, "pp") > 1:
+        raise ValueError(f"EngineConfig.pp must be 1 across processes (got pp {max(config.pp, axis_size(mesh, 'pp'))}): "
+                         f"several processes run tensor parallelism only")
 
 
 @contextlib.contextmanager
 def leading(engine: Engine):
-    """On process 0: every piece of the engine's device work is broadcast before it runs; on exit
-    (normal or not) the followers are told to stop."""
-    check_multihost(engine.config)
+    """On process 0: every piece of the engine's device work is broadcast before it runs, and on a
+    normal exit the followers are told to stop. An error is not followed by STOP (the followers may
+    be inside a step's collectives, waiting for process 0): it propagates, and the caller exits
+    (`exit_now`) so that the launcher stops the rest."""
+    check_multihost(engine.config, engine.mesh)
     engine.runner.on_device_work = broadcast_object
-    try:
-        yield engine
-    finally:
-        engine.runner.on_device_work = None
-        broadcast_object(STOP)
+    yield engine
+    engine.runner.on_device_work = None
+    broadcast_object(STOP)
+
+
+def exit_now(code: int = 1) -> None:
+    """Print the exception being handled and end this process at once: jax's orderly shutdown
+    would wait at a barrier for peers that are stuck in a collective."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def follow(engine: Engine) -> int:
     """On the other processes: run what process 0 broadcasts until STOP; returns the steps run."""
-    check_multihost(engine.config)
+    check_multihost(engine.config, engine.mesh)
     steps = 0
     while (work := broadcast_object()) != STOP:
         method, args = work
@@ -117,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     prompts = random_prompts(args.num_prompts, model.config.vocab_size, args.seed)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    with leading(engine):
-        outputs = engine.generate(prompts, sampling, progress=False)
+    try:
+        with leading(engine):
+            outputs = engine.generate(prompts, sampling, progress=False)
+    except Exception:
+        exit_now()
     tokens = [o.outputs[0].token_ids for o in outputs]
     for prompt, out in zip(prompts, tokens):
         print(f"{len(prompt)} prompt tokens -> {out}")

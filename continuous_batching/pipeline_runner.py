@@ -78,6 +78,9 @@ class PipelineModelRunner(PagedModelRunner):
                    for rows, p in zip(logits, prepared)]
         return [(np.asarray(tokens), logprobs) for tokens, logprobs in sampled]
 
+    def lower(self, prepared: PreparedStep):
+        raise NotImplementedError("a pipelined step is one program per stage and micro-batch, not one to lower")
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src, dst = (np.asarray(x, np.int32) for x in zip(*copies))

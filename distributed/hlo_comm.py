@@ -6,8 +6,9 @@ much it moves, e.g.
     %all-reduce.3 = f32[4,576]{1,0} all-reduce(f32[4,576]{1,0} %dot.2), channel_id=2, replica_groups=...
 
 `collectives(hlo)` counts them by kind with the bytes of their results (an asynchronous pair,
-`all-reduce-start` / `-done`, counts once, at its start; a tuple result counts every element). The
-result bytes are the payload (for an all-reduce, the tensor every device ends up holding); what
+`all-gather-start` / `-done`, counts once, at its `-done`, whose shape is the result: a `-start`'s
+tuple also holds the input and sync flags; a tuple result counts every element). The result bytes
+are the payload (for an all-reduce, the tensor every device ends up holding); what
 the wires carry depends on the algorithm (a ring all-reduce sends 2 (n - 1) / n of it per device).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _INSTRUCTION = re.compile(r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
-                          r"(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
+                          r"(?P<kind>" + "|".join(KINDS) + r")(?:-done)?\(")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "f8e4m3fn": 8, "f8e5m2": 8}
 

@@ -6,8 +6,9 @@ each told the address, the number of processes and its rank through the environm
 (`multihost.initialize_from_env` reads them). The launcher then watches them:
 
 - all exit 0: it exits 0;
-- one exits non-zero (or is killed): it names that rank and its exit status, stops the others
-  and exits 1 (the others would otherwise wait in a collective for a peer that is gone);
+- one exits non-zero (or is killed): it names that rank and its exit status (a rank killed by a
+  signal before one that exited with an error: the others fail because their peer is gone), stops
+  the others and exits 1 (they would otherwise wait in a collective for a peer that is gone);
 - `--timeout` seconds pass: it names the ranks still running, stops them and exits 124.
 
 Each child runs in a process group of its own, and stopping it means SIGTERM to that group, then
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from distributed.mesh import with_cpu_devices
 from distributed.multihost import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
 GRACE_S = 5.0  # after SIGTERM, how long a child may take to exit before SIGKILL
@@ -43,9 +45,7 @@ def child_env(rank: int, nproc: int, port: int, cpu_devices: int | None) -> dict
     env = dict(os.environ, **{COORDINATOR_ENV: f"127.0.0.1:{port}", NUM_PROCESSES_ENV: str(nproc),
                               PROCESS_ID_ENV: str(rank)})
     if cpu_devices is not None:
-        flag = f"--xla_force_host_platform_device_count={cpu_devices}"
-        kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
-        env["XLA_FLAGS"] = " ".join(kept + [flag])
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), cpu_devices)
     return env
 
 
@@ -83,9 +83,12 @@ def launch(command: list[str], nproc: int, timeout_s: float, cpu_devices: int | 
             codes = [p.poll() for p in procs]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                # a rank killed by a signal is the cause; its peers exit after it, failing their collectives
+                rank, code = min(failed, key=lambda failure: failure[1] >= 0)
                 others = [r for r, c in enumerate(codes) if c is None]
-                print(f"launch: rank {rank} failed ({describe_exit(code)}); stopping ranks {others}",
+                also = [f"rank {r} ({describe_exit(c)})" for r, c in failed if r != rank]
+                print(f"launch: rank {rank} failed ({describe_exit(code)}); "
+                      + (f"also failed: {', '.join(also)}; " if also else "") + f"stopping ranks {others}",
                       file=sys.stderr, flush=True)
                 return 1
             if all(code == 0 for code in codes):
@@ -100,7 +103,7 @@ def launch(command: list[str], nproc: int, timeout_s: float, cpu_devices: int | 
         stop(procs)
 
 
-def _raise_on_sigterm(signum, frame):
+def _raise_on_signal(signum, frame):
     raise SystemExit(128 + signum)  # so that `launch`'s finally stops the children
 
 
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a killed launcher or a closed terminal: stop the ranks
+        signal.signal(sig, _raise_on_signal)
     return launch(["-m", args.module, *argv[split:]], args.nproc, args.timeout, args.cpu_devices)
 
 

@@ -43,13 +43,18 @@ def axis_size(mesh: Mesh, axis: str) -> int:
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def with_cpu_devices(xla_flags: str, count: int) -> str:
+    """`xla_flags` (an XLA_FLAGS value) asking for `count` fake CPU devices instead of any count it gave."""
+    kept = [f for f in xla_flags.split() if not f.startswith(CPU_DEVICES_FLAG)]
+    return " ".join(kept + [f"{CPU_DEVICES_FLAG}={count}"])
+
+
 def request_cpu_devices(count: int) -> None:
     """Ask XLA for `count` fake CPU devices (XLA_FLAGS), for a mesh of `count` devices on a machine
     without accelerators. It takes effect only if jax has not started its CPU backend yet (XLA reads
     the flag then); `make_mesh` names the flag when there are still too few devices. A count the
     flags already give, or more, is left alone."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    given = [int(f.split("=")[1]) for f in flags if f.startswith(CPU_DEVICES_FLAG + "=")]
+    flags = os.environ.get("XLA_FLAGS", "")
+    given = [int(f.split("=")[1]) for f in flags.split() if f.startswith(CPU_DEVICES_FLAG + "=")]
     if count > max(given, default=1):
-        kept = [f for f in flags if not f.startswith(CPU_DEVICES_FLAG)]
-        os.environ["XLA_FLAGS"] = " ".join(kept + [f"{CPU_DEVICES_FLAG}={count}"])
+        os.environ["XLA_FLAGS"] = with_cpu_devices(flags, count)

@@ -19,8 +19,8 @@ the loop order, with no scheduler of our own.
 With a KV cache (`init_caches`), each stage keeps the paged cache of its own layers only, over the
 same block ids (one block table serves every stage), so a device holds 1 / pp of the cache. An
 engine step's sequences are cut into micro-batches, each with its own inputs and paged metadata
-(`paged_step`): the decode micro-batches are in flight together, stage 0 on the next while the last
-stage samples the previous.
+(`paged_step`): the micro-batches are in flight together, stage 0 on the next while the later
+stages run the earlier ones (the engine's runner samples them once all have left the last stage).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Counts what each device holds and sends when a Llama-architecture model is split
 (`tensor_parallel.py`) over `tp` devices and into `pp` pipeline stages (`pipeline.py`): weight bytes,
 KV-cache bytes per token, all-reduce bytes per token, and the bandwidth-only times those imply on
 A100 / H100 nodes. Pure arithmetic on published shapes and datasheet numbers; nothing is measured.
-`projection_rows` is what the docs' projection table renders.
+`projection_row` is what the harness's projection runs report (experiments/parallel_projection.py).
 """
 
 from __future__ import annotations

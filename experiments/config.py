@@ -220,7 +220,7 @@ class ParallelEvalRunConfig(Strict):
     name: str
     engine: Literal["parallel_eval"]
     tp: int = Field(default=1, gt=0)  # tensor-parallel degree (Megatron layout, distributed/tensor_parallel.py)
-    pp: int = Field(default=1, gt=0)  # pipeline stages (distributed/pipeline.py; prefill only)
+    pp: int = Field(default=1, gt=0)  # pipeline stages (distributed/pipeline.py, continuous_batching/pipeline_runner.py)
     microbatches: int = Field(default=1, gt=0)  # pp > 1: micro-batches the prefill batch is cut into
     offload_layers: int = Field(default=0, ge=0)  # tp = pp = 1: the last layers' weights stay in host memory
     batch_size: int = Field(default=8, gt=0)  # sequences in the decode step and in the prefill forward

@@ -79,12 +79,13 @@ def check_model_limits(config, model_config) -> list[Problem]:
         if run.engine in ("continuous", "parallel_eval") and run.offload_layers > model_config.num_layers:
             problems.append((f"runs[{i}].offload_layers", f"{run.offload_layers} layers, but {model_config.name} has "
                              f"{model_config.num_layers}; allowed: 0..{model_config.num_layers}"))
-        if run.engine == "parallel_eval" and run.pp > model_config.num_layers:
+        if run.engine in ("continuous", "parallel_eval") and run.pp > model_config.num_layers:
             problems.append((f"runs[{i}].pp", f"{run.pp} stages, but {model_config.name} has "
                              f"{model_config.num_layers} layers; allowed: 1..{model_config.num_layers}"))
-        if run.engine == "parallel_eval" and max(run.context_len, run.prompt_len) > limit:
-            problems.append((f"runs[{i}].context_len", f"context_len / prompt_len must be <= the model's "
-                             f"max_position_embeddings ({model_config.name}: {limit})"))
+        for key in ("context_len", "prompt_len"):
+            if run.engine == "parallel_eval" and getattr(run, key) > limit:
+                problems.append((f"runs[{i}].{key}", f"{getattr(run, key)} exceeds the model's max_position_embeddings "
+                                 f"({model_config.name}: {limit}); allowed: 1..{limit}"))
     return problems
 
 

@@ -8,8 +8,10 @@ experiment's model, measured for memory per device, traffic between devices and 
 - traffic: the collectives in the compiled HLO of one decode step of `batch_size` sequences
   (tensor parallel, pp 1; `distributed/hlo_comm.py`), their all-reduce and all-gather bytes beside
   Megatron-LM's count, (2 per layer + 1 for the vocab-parallel embedding) all-reduces of a
-  [batch, hidden] activation; the activation bytes a decode step hands from stage to stage (hidden
-  state and residual of every sequence at each of the pp - 1 boundaries);
+  [rows, hidden] activation; the activation bytes a decode step hands from stage to stage (hidden
+  state and residual of every row at each of the pp - 1 boundaries). Rows are what the step
+  programs run on: the sequences padded to the bucketed batch (at least 4 rows per program, so a
+  pipeline's micro-batches of 2 sequences each hand over 4 rows);
 - time: `decode_step_ms` (the runner's step, pages scattered; pipeline runs cut it into pp
   micro-batches) and `prefill_ms` (the full forward over `batch_size` x `prompt_len` tokens: jitted
   on the Megatron-sharded params, or through the pipeline's stages and `microbatches`), medians of
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from continuous_batching.pipeline_runner import PipelineModelRunner
+from continuous_batching.pipeline_runner import PipelineModelRunner, split_evenly
 from continuous_batching.request import Sequence
 from distributed.head_parallel import runner_ops
 from distributed.hlo_comm import collectives
@@ -54,9 +56,10 @@ def bytes_per_device(tree) -> int:
     return max(held.values())
 
 
-def megatron_allreduce_bytes(config, rows: int, tp: int, itemsize: int = 4) -> int:
-    """Megatron-LM's all-reduce payload for one step of `rows` tokens: two per layer (attention
-    output, MLP down) plus one for the vocab-parallel embedding, each a [rows, hidden] activation."""
+def megatron_allreduce_bytes(config, rows: int, tp: int, itemsize: int) -> int:
+    """Megatron-LM's all-reduce payload for one step of `rows` token rows (as compiled, padding
+    included): two per layer (attention output, MLP down) plus one for the vocab-parallel
+    embedding, each a [rows, hidden] activation of `itemsize` bytes per element."""
     return 0 if tp == 1 else (2 * config.num_layers + 1) * rows * config.hidden_size * itemsize
 
 
@@ -106,7 +109,11 @@ class ParallelEvalEngine:
                                           kernels=runner_ops(config, self.mesh, "xla"), mesh=self.mesh, **placement)
         seqs = [Sequence.in_cache(t, n, [5]) for t, n in zip(tables, lens)]
         comm = None if rc.pp > 1 else collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
-        handoff = (rc.pp - 1) * 2 * rc.batch_size * config.hidden_size * 4  # hidden + residual rows, f32
+        # token rows each step program runs on (micro-batches, each padded to its bucketed shape)
+        chunks = split_evenly(seqs, rc.pp) if rc.pp > 1 else [seqs]
+        rows = sum(runner.prepare(chunk).shape.decode_seqs for chunk in chunks)
+        itemsize = jnp.dtype(self.model.dtype).itemsize
+        handoff = (rc.pp - 1) * 2 * rows * config.hidden_size * itemsize  # hidden + residual rows per boundary
         return {"param_bytes_per_device": bytes_per_device(runner.params),
                 "host_param_bytes": bytes_by_memory(runner.params).get(HOST, 0),
                 "kv_bytes_per_device": bytes_per_device(runner.kv_cache),
@@ -114,7 +121,7 @@ class ParallelEvalEngine:
                 "allreduce_bytes_per_decode_step": None if comm is None else comm["all-reduce"]["bytes"],
                 "allgather_bytes_per_decode_step": None if comm is None else comm["all-gather"]["bytes"],
                 "megatron_allreduce_bytes_per_decode_step": None if comm is None else megatron_allreduce_bytes(
-                    config, rc.batch_size, rc.tp),
+                    config, rows, rc.tp, itemsize),
                 "stage_handoff_bytes_per_decode_step": handoff,
                 "decode_step_ms": 1e3 * median_seconds(lambda: runner.step(seqs), rc.iterations)}
 

@@ -16,14 +16,16 @@ HLO = """
   %ars = (f32[8]{0}, bf16[2,3]{1,0}) all-reduce-start(f32[8]{0} %a, bf16[2,3]{1,0} %b), channel_id=2
   %ard = (f32[8]{0}, bf16[2,3]{1,0}) all-reduce-done((f32[8]{0}, bf16[2,3]{1,0}) %ars)
   %all-gather.7 = s8[2,1536]{1,0} all-gather(s8[1,1536]{1,0} %p), dimensions={0}
+  %ags = (s8[1,64]{1,0}, s8[2,64]{1,0}) all-gather-start(s8[1,64]{1,0} %q), dimensions={0}
+  %agd = s8[2,64]{1,0} all-gather-done((s8[1,64]{1,0}, s8[2,64]{1,0}) %ags)
   %not-a-collective = f32[4]{0} add(f32[4]{0} %x, f32[4]{0} %y)
 """
 
 
 def test_collectives_count_each_instruction_once_with_its_result_bytes():
     found = collectives(HLO)
-    assert found["all-reduce"] == {"count": 2, "bytes": 4 * 576 * 4 + 8 * 4 + 6 * 2}  # the -start, not the -done
-    assert found["all-gather"] == {"count": 1, "bytes": 2 * 1536}
+    assert found["all-reduce"] == {"count": 2, "bytes": 4 * 576 * 4 + 8 * 4 + 6 * 2}  # an async pair once
+    assert found["all-gather"] == {"count": 2, "bytes": 2 * 1536 + 2 * 64}  # the -done's result, not the -start's tuple
     assert found["reduce-scatter"] == found["collective-permute"] == {"count": 0, "bytes": 0}
     assert shape_bytes("pred[3]") == 3 and shape_bytes("f32[]") == 4
 

@@ -84,3 +84,5 @@ def test_launcher_and_engine_refuse_bad_settings():
         launch_main(["--nproc", "0", "-m", "continuous_batching.multihost"])
     with pytest.raises(ValueError, match="num_cpu_blocks must be 0 across processes"):
         check_multihost(EngineConfig(num_cpu_blocks=4))
+    with pytest.raises(ValueError, match="pp must be 1 across processes"):
+        check_multihost(EngineConfig(pp=2))
