@@ -126,14 +126,17 @@ class Engine:
         self.stats = EngineStats()
 
     def _placement(self) -> dict:
-        """The runner's param / cache placement: Megatron's on a mesh, host offload of the last
-        `offload_layers` layers on one device, or the default device."""
+        """The runner's param / cache placement: Megatron's on a mesh (a pipelined runner places its
+        stages itself), host offload of the last `offload_layers` layers on one device, or the
+        default device."""
         if self.config.offload_layers:
             layers = self.model.config.num_layers
             if self.config.offload_layers > layers:
                 raise ValueError(f"EngineConfig.offload_layers ({self.config.offload_layers}) must be <= the "
                                  f"model's {layers} layers ({self.model.config.name})")
             return offload_placement(self.config.offload_layers)
+        if axis_size(self.mesh, "pp") > 1:
+            return {}
         return runner_placement(self.model.config, self.mesh)
 
     # ----- requests ----------------------------------------------------------------------------

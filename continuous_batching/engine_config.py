@@ -120,7 +120,8 @@ class EngineConfig:
         check("reservation", self.reservation in RESERVATIONS, f"one of {list(RESERVATIONS)}")
         check("preemption", self.preemption in PREEMPTION_MODES, f"one of {list(PREEMPTION_MODES)}")
         check("backend", self.backend in PAGED_BACKENDS, f"one of {list(PAGED_BACKENDS)}")
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "tp", "pp"):
             value = getattr(self, name)
             check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1")
         check("num_cpu_blocks", isinstance(self.num_cpu_blocks, int) and self.num_cpu_blocks >= 0, "an int >= 0")
@@ -136,9 +137,7 @@ class EngineConfig:
         check("kernels", not isinstance(self.kernels, str) or self.kernels in KERNEL_SETS,
               f"one of {list(KERNEL_SETS)} (or a models.ops.Ops instance)")
         check("mesh", self.mesh is None or hasattr(self.mesh, "axis_names"), "None or a jax.sharding.Mesh")
-        check("tp", isinstance(self.tp, int) and not isinstance(self.tp, bool) and self.tp >= 1, "an int >= 1")
         check("tp", self.tp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
-        check("pp", isinstance(self.pp, int) and not isinstance(self.pp, bool) and self.pp >= 1, "an int >= 1")
         check("pp", self.pp == 1 or self.mesh is None, "1 when a mesh is given (the mesh sets the degrees)")
         check("num_cpu_blocks", self.pp == 1 or self.num_cpu_blocks == 0,
               "0 with pp > 1 (swapping is not supported across pipeline stages)")

@@ -94,6 +94,8 @@ class PagedModelRunner:
     `distributed.tensor_parallel.runner_placement` gives) and `kv_sharding` override the default,
     replicated over the mesh."""
 
+    num_microbatches = 1  # micro-batches a step is cut into (a pipelined runner: one per stage)
+
     def __init__(self, model: models.Model, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_blocks_per_seq: int, backend: str = "paged_cpu", kernels: "str | Ops" = "xla",
                  kv_cache_dtype: str = "auto", num_cpu_blocks: int = 0, mesh=None,
@@ -181,13 +183,27 @@ class PagedModelRunner:
 
     def step(self, seqs: list[Sequence]) -> StepResult:
         """Run one step; returns each sequence's next token (and log-probs if any row asks), in the
-        order given."""
+        order given. The step runs as one micro-batch here (a pipelined runner cuts it into several,
+        `microbatches`), each prepared on its own."""
         if not 0 < len(seqs) <= self.max_num_seqs:
             raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
-        prepared = self.prepare(seqs, skip_compiled=self.dry_run)
-        if prepared is None:  # a dry run on a compiled shape: each sequence "samples" its last new token
+        chunks = self.microbatches(seqs)
+        prepared = [self.prepare(chunk, skip_compiled=self.dry_run) for chunk in chunks]
+        if all(p is None for p in prepared):  # a dry run on compiled shapes: each sequence "samples" its last new token
             return StepResult([s.new_tokens[-1] for s in seqs], None)
-        return step_result(prepared, *self.run(prepared))
+        prepared = [p or self.prepare(chunk) for p, chunk in zip(prepared, chunks)]
+        results = [step_result(p, *out) for p, out in zip(prepared, self.run_microbatches(prepared))]
+        logprobs = None if all(r.logprobs is None for r in results) else [
+            lp for r in results for lp in (r.logprobs or [None] * len(r.tokens))]
+        return StepResult([t for r in results for t in r.tokens], logprobs)
+
+    def microbatches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The step's sequences cut into `num_microbatches` contiguous runs (`split_evenly`)."""
+        return split_evenly(seqs, self.num_microbatches)
+
+    def run_microbatches(self, prepared: list["PreparedStep"]) -> list[tuple[np.ndarray, object]]:
+        """`run` each prepared micro-batch, in order."""
+        return [self.run(p) for p in prepared]
 
     def compile_shape(self, shape: StepShape, flags: SamplerFlags) -> None:
         """Compile (by running it on padding only: no token is written) the step program of `shape`."""
@@ -223,14 +239,18 @@ class PagedModelRunner:
         (i32[rows] next tokens on the host, device log-probs or None)."""
         if self.on_device_work is not None:
             self.on_device_work(("run", (prepared,)))
-        self.shapes.add(prepared.shape, prepared.flags)
-        self.shapes_run.add(dataclasses.astuple(prepared.shape))
+        self.record_shape(prepared)
         inputs = jax.device_put(prepared.inputs, self.input_sharding)
         step = _model_step if self.ops.jit_step else functools.partial(_step, sample=_sample_alone)
         next_tokens, logprobs, self.kv_cache = step(
             self.params, self.kv_cache, inputs, config=self.model.config, backend=self.backend, ops=self.ops,
             flags=prepared.flags)
         return np.asarray(next_tokens), logprobs
+
+    def record_shape(self, prepared: "PreparedStep") -> None:
+        """Note that `prepared`'s step shape runs (compiled from now on)."""
+        self.shapes.add(prepared.shape, prepared.flags)
+        self.shapes_run.add(dataclasses.astuple(prepared.shape))
 
     def lower(self, prepared: "PreparedStep"):
         """The one-program step lowered for a prepared step's shapes, without running it
@@ -288,6 +308,13 @@ class PagedModelRunner:
             [([], []) if s is None else (s.prompt, s.output) for s in row_seqs] if flags.penalties else None,
             num_rows)
         return tokens, positions, metadata, last, sampler_inputs
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` cut into min(parts, len(items)) contiguous, non-empty runs whose lengths differ by <= 1."""
+    parts = max(1, min(parts, len(items)))
+    bounds = np.linspace(0, len(items), parts + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def step_result(prepared: PreparedStep, next_tokens: np.ndarray, logprobs) -> StepResult:

@@ -14,22 +14,13 @@ micro-batch. Swapping to host memory is not supported here (preemption recompute
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from continuous_batching.model_runner import PagedModelRunner, PreparedStep, StepResult, _sample_alone, step_result
-from continuous_batching.request import Sequence
+from continuous_batching.model_runner import PagedModelRunner, PreparedStep, _sample_alone
 from distributed.mesh import axis_size
 from distributed.pipeline import Pipeline
-
-def split_evenly(items: list, parts: int) -> list[list]:
-    """`items` cut into min(parts, len(items)) contiguous, non-empty runs whose lengths differ by <= 1."""
-    parts = max(1, min(parts, len(items)))
-    bounds = np.linspace(0, len(items), parts + 1).round().astype(int)
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class PipelineModelRunner(PagedModelRunner):
@@ -51,19 +42,6 @@ class PipelineModelRunner(PagedModelRunner):
         """Every stage's layer caches, first layer first."""
         return [layer for stage in self.pipeline.caches for layer in stage]
 
-    def step(self, seqs: list[Sequence]) -> StepResult:
-        if not 0 < len(seqs) <= self.max_num_seqs:
-            raise ValueError(f"a step takes 1..max_num_seqs={self.max_num_seqs} sequences, got {len(seqs)}")
-        chunks = split_evenly(seqs, self.num_microbatches)
-        prepared = [self.prepare(chunk, skip_compiled=self.dry_run) for chunk in chunks]
-        if self.dry_run and all(p is None for p in prepared):
-            return StepResult([s.new_tokens[-1] for s in seqs], None)
-        prepared = [p or self.prepare(chunk) for p, chunk in zip(prepared, chunks)]
-        results = [step_result(p, *out) for p, out in zip(prepared, self.run_microbatches(prepared))]
-        logprobs = None if all(r.logprobs is None for r in results) else [
-            lp for r in results for lp in (r.logprobs or [None] * len(r.tokens))]
-        return StepResult([t for r in results for t in r.tokens], logprobs)
-
     def run(self, prepared: PreparedStep) -> tuple[np.ndarray, object]:
         return self.run_microbatches([prepared])[0]
 
@@ -71,8 +49,7 @@ class PipelineModelRunner(PagedModelRunner):
         """Walk the prepared micro-batches through the stages, then sample each on the last stage:
         [(i32[rows] next tokens on the host, device log-probs or None)] per micro-batch."""
         for p in prepared:
-            self.shapes.add(p.shape, p.flags)
-            self.shapes_run.add(dataclasses.astuple(p.shape))
+            self.record_shape(p)
         logits = self.pipeline.paged_step([p.inputs[:4] for p in prepared], backend=self.backend, ops=self.ops)
         sampled = [_sample_alone(rows, jax.device_put(p.inputs[4], self._last_stage), p.flags)
                    for rows, p in zip(logits, prepared)]

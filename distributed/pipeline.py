@@ -97,10 +97,12 @@ class Pipeline:
             self.stages.append(shard_params(stage, config, stage_mesh))
         self.caches = None  # per stage: its layers' paged (k, v) caches, after init_caches
 
-    def _walk(self, microbatches: list[tuple], **static) -> list[jax.Array]:
+    def _walk(self, microbatches: list[tuple], caches: list | None, **static) -> tuple[list[jax.Array], list | None]:
         """Each micro-batch (tokens, positions, metadata, logits_indices) through every stage, in
-        order (dispatch is asynchronous: stages overlap); returns each micro-batch's logits."""
+        order (dispatch is asynchronous: stages overlap), on the stages' `caches` (None: none);
+        returns each micro-batch's logits and the updated caches."""
         outputs, last = [], len(self.stages) - 1
+        caches = None if caches is None else list(caches)
         ops = static.pop("ops", None)
         if isinstance(ops, HeadParallelOps):  # attention on each stage's own devices
             stage_ops = [dataclasses.replace(ops, mesh=stage_mesh) for stage_mesh in self.meshes]
@@ -111,14 +113,13 @@ class Pipeline:
             for s, (stage, stage_mesh) in enumerate(zip(self.stages, self.meshes)):
                 hidden, residual, positions, metadata, logits_indices = jax.device_put(
                     (hidden, residual, positions, metadata, logits_indices), NamedSharding(stage_mesh, P()))
-                cache = None if self.caches is None else self.caches[s]
-                hidden, residual, cache = run_stage(stage, cache, hidden, residual, positions, metadata, logits_indices,
-                                                    config=self.config, first=s == 0, last=s == last,
-                                                    ops=stage_ops[s], **static)
-                if cache is not None:
-                    self.caches[s] = cache
+                hidden, residual, cache = run_stage(stage, None if caches is None else caches[s], hidden, residual,
+                                                    positions, metadata, logits_indices, config=self.config,
+                                                    first=s == 0, last=s == last, ops=stage_ops[s], **static)
+                if caches is not None:
+                    caches[s] = cache
             outputs.append(hidden)
-        return outputs
+        return outputs, caches
 
     def forward(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """f32 logits [batch, tokens, vocab] of tokens, positions i32[batch, tokens], without a KV
@@ -129,11 +130,7 @@ class Pipeline:
                              f"equal micro-batches; allowed: a divisor of {batch}")
         size = batch // self.num_microbatches
         rows = [slice(m * size, (m + 1) * size) for m in range(self.num_microbatches)]
-        caches, self.caches = self.caches, None
-        try:
-            outputs = self._walk([(tokens[r], positions[r], None, None) for r in rows])
-        finally:
-            self.caches = caches
+        outputs, _ = self._walk([(tokens[r], positions[r], None, None) for r in rows], None)
         return jax.numpy.concatenate([jax.device_put(o, outputs[0].sharding) for o in outputs])
 
     def init_caches(self, num_blocks: int, block_size: int, dtype=jax.numpy.float32) -> None:
@@ -151,7 +148,8 @@ class Pipeline:
         micro-batch, on the last stage's devices."""
         if self.caches is None:
             raise ValueError("paged_step needs a KV cache per stage: call init_caches first")
-        return self._walk(microbatches, backend=backend, ops=ops)
+        outputs, self.caches = self._walk(microbatches, self.caches, backend=backend, ops=ops)
+        return outputs
 
     def copy_blocks(self, src: jax.Array, dst: jax.Array) -> None:
         """Copy-on-write: whole blocks src[i] -> dst[i] in every stage's cache."""

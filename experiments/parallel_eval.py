@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from continuous_batching.pipeline_runner import PipelineModelRunner, split_evenly
+from continuous_batching.pipeline_runner import PipelineModelRunner
 from continuous_batching.request import Sequence
 from distributed.head_parallel import runner_ops
 from distributed.hlo_comm import collectives
@@ -110,8 +110,7 @@ class ParallelEvalEngine:
         seqs = [Sequence.in_cache(t, n, [5]) for t, n in zip(tables, lens)]
         comm = None if rc.pp > 1 else collectives(runner.lower(runner.prepare(seqs)).compile().as_text())
         # token rows each step program runs on (micro-batches, each padded to its bucketed shape)
-        chunks = split_evenly(seqs, rc.pp) if rc.pp > 1 else [seqs]
-        rows = sum(runner.prepare(chunk).shape.decode_seqs for chunk in chunks)
+        rows = sum(runner.prepare(chunk).shape.decode_seqs for chunk in runner.microbatches(seqs))
         itemsize = jnp.dtype(self.model.dtype).itemsize
         handoff = (rc.pp - 1) * 2 * rows * config.hidden_size * itemsize  # hidden + residual rows per boundary
         return {"param_bytes_per_device": bytes_per_device(runner.params),
