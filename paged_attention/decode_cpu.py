@@ -16,6 +16,9 @@ Usage (host side once per model step, for all layers):
   done once with the position mask on the scores and a `where` on the values (unused slots may hold
   NaN); a row with context_len 0 is all masked and returns zeros.
 - Partials merge per sequence with segment_max / segment_sum (the flash-decoding reduction).
+- A step whose block tables hold few pages in all (batch-1 decode, a few short sequences: at most
+  DENSE_MAX_PAGES, padding included) skips the loop: one gather of every page in the tables and one
+  masked softmax, since the loop's fixed costs (a chunk of CHUNK pairs, mostly padding) dominate there.
 - The chunked loop keeps every temporary small (XLA CPU allocates each execution's temporaries
   anew, and big fresh allocations page-fault); probs . values is a multiply-reduce because a
   batched dot contracting the probs' non-minor dimension takes a slow XLA CPU path.
@@ -24,6 +27,7 @@ Pairs are bucketed to 2 sizes per octave ({4, 6} x 2^k chunks) to bound compilat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -34,6 +38,7 @@ from jax import lax
 from paged_attention.buckets import two_per_octave
 
 CHUNK = 64  # (sequence, block) pairs per loop iteration
+DENSE_MAX_PAGES = 64  # tables (num_seqs x max_blocks, padded) this small take the one-gather path
 
 _PROMISE = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 _ROWS_DN = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
@@ -103,12 +108,31 @@ def _block_partials(scaled_q, keys, values, valid):
     return block_max, block_sum, block_out
 
 
-@jax.jit
-def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, pair_seq, pair_query, pair_rows):
+def _dense_decode(scaled_q, kflat, vflat, block_tables, context_lens, num_blocks: int, block_size: int):
+    """Every page of the step's block tables at once, masked past each context: for steps whose
+    tables hold few pages in all (`DENSE_MAX_PAGES`), where the chunked loop's fixed costs dominate.
+    scaled_q f32[num_seqs, num_kv_heads, group, head_dim] -> f32[num_seqs, num_kv_heads, group, head_dim]."""
+    num_seqs, num_kv_heads, group, head_dim = scaled_q.shape
+    max_blocks = block_tables.shape[1]
+    max_tokens = max_blocks * block_size
+    tables = jnp.clip(block_tables, 0, num_blocks - 1).reshape(-1)  # i32[num_seqs * max_blocks]
+    rows = ((jnp.arange(num_kv_heads, dtype=jnp.int32) * num_blocks)[:, None] + tables[None, :]).reshape(-1)
+    shape = (num_kv_heads, num_seqs, max_tokens, head_dim)
+    keys = gather_rows(kflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
+    values = gather_rows(vflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
+    valid = jnp.arange(max_tokens)[None, :] < context_lens[:, None]  # bool[num_seqs, max_tokens]
+    _, seq_sum, seq_out = _block_partials(scaled_q.transpose(1, 0, 2, 3), keys, values, valid)
+    out = jnp.where(seq_sum[..., None] > 0, seq_out / jnp.where(seq_sum > 0, seq_sum, 1.0)[..., None], 0.0)
+    return out.transpose(1, 0, 2, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("dense_max_pages",))
+def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, pair_seq, pair_query, pair_rows,
+                               *, dense_max_pages: int = DENSE_MAX_PAGES):
     """q f32[num_seqs, num_heads, head_dim]; k_cache/v_cache [num_kv_heads, num_blocks, block_size, head_dim];
     block_tables i32[num_seqs, max_blocks]; context_lens i32[num_seqs] (0: padding row -> zeros);
-    pair_seq, pair_query, pair_rows: from build_decode_indices. Returns [num_seqs, num_heads, head_dim]
-    in q's dtype."""
+    pair_seq, pair_query, pair_rows: from build_decode_indices (unread when the tables hold at most
+    `dense_max_pages` pages: `_dense_decode`). Returns [num_seqs, num_heads, head_dim] in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads  # query heads per kv head
@@ -120,6 +144,9 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     q_flat = q_padded.reshape(num_seqs + 1, num_kv_heads * group * head_dim)
     kflat = k_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
     vflat = v_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
+    if block_tables.size <= dense_max_pages:
+        out = _dense_decode(scaled_q, kflat, vflat, block_tables, context_lens, num_blocks, block_size)
+        return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 
     # 1) all pages but each sequence's last: full, unmasked; chunked so temporaries stay in L2.
     def body(i, carry):

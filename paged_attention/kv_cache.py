@@ -66,6 +66,9 @@ def write_kv(layer_cache: LayerCache, k: jax.Array, v: jax.Array, slot_mapping: 
     num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     num_slots = num_blocks * block_size
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # negative: dropped, not wrapped
+    if slots.shape[0] == 1:  # a one-row scatter becomes a dynamic-update-slice that XLA CPU copies the cache around
+        slots = jnp.concatenate([slots, jnp.full((1,), num_slots, slots.dtype)])
+        k, v = (jnp.concatenate([x, x]) for x in (k, v))
 
     def scatter(cache, new):
         flat = cache.reshape(num_kv_heads, num_slots, head_dim)  # [kv_heads, slots, head_dim]

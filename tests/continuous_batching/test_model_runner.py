@@ -19,7 +19,7 @@ def runner(tiny_model):
 
 
 def test_buckets(runner):
-    assert [runner.seq_bucket(n) for n in (1, 3, 5)] == [4, 4, 8]
+    assert [runner.seq_bucket(n) for n in (1, 3, 5)] == [1, 4, 8]
     assert [runner.blocks_bucket(n) for n in (1, 3, 9)] == [4, 4, 4]  # capped at max_blocks_per_seq
 
 
@@ -36,7 +36,7 @@ def test_prompt_then_decode_matches_naive(runner, tiny_model):
     for context in (7, 8):
         got += runner.step([in_cache(table, context, [got[-1]])]).tokens
     assert got == expected
-    assert runner.shapes_run == {(16, 1, 0, 4, 0, 0), (0, 0, 4, 4, 0, 0)}  # one prompt bucket, one decode shape
+    assert runner.shapes_run == {(16, 1, 0, 4, 0, 0), (0, 0, 1, 4, 0, 0)}  # one prompt bucket, one decode shape (a lone sequence: 1 row)
 
 
 def test_copy_on_write_copies_a_block(runner, tiny_model):
@@ -61,7 +61,7 @@ def test_a_mixed_step_splits_prompts_and_decodes_and_keeps_the_callers_order(run
     first = runner.step([in_cache([0, 1], 6, prompts[0])]).tokens  # seq 0's prompt alone
     mixed = runner.step([in_cache([0, 1], 7, first), in_cache([4], 3, prompts[1])]).tokens
     assert (first + mixed[:1], mixed[1:]) == (expected[0], expected[1][:1])
-    assert (16, 1, 4, 4, 0, 0) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 4 decode rows
+    assert (16, 1, 1, 4, 0, 0) in runner.shapes_run  # 3 prompt tokens padded to 16, 1 prefill row, 1 decode row
 
 
 def test_every_backend_runs_split_steps_like_the_reference(tiny_model):
