@@ -46,6 +46,7 @@ from distributed.offload import offload_placement
 from distributed.tensor_parallel import runner_placement
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
+from quantization.kv_int8 import check_folded_scales
 
 FINISH_REASONS = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "length",
                   Status.FINISHED_ABORTED: "abort"}
@@ -99,6 +100,8 @@ class Engine:
         if config.max_model_len > limit:
             raise ValueError(f"EngineConfig.max_model_len ({config.max_model_len}) must be <= the model's "
                              f"max_position_embeddings ({model.config.name}: {limit})")
+        if config.calculate_kv_scales:
+            check_folded_scales(model.params, config.kv_cache_dtype, "EngineConfig.calculate_kv_scales")
         self.mesh = make_mesh(tp=config.tp, pp=config.pp) if config.tp * config.pp > 1 else config.mesh
         if config.paged:
             self.manager = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks,

@@ -15,6 +15,9 @@ Each technique is a setting of its own, and the four named policies are presets 
                      program per step) | pallas (fused kernels), or an Ops instance
     kv_cache_dtype   auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 (FP8, unscaled)
                      | int8 (the model's params must carry folded K / V scales: `quantization/kv_int8.py`)
+    calculate_kv_scales  fp8_e4m3 only: the cache stores K / V in units of calibrated per-layer,
+                     per-KV-head scales (absmax / 448, vLLM's k_scale / v_scale) folded into the
+                     params (`quantization/kv_int8.fold_kv_scales`; the harness calibrates them)
     mesh             None, or a jax.sharding.Mesh to run on: params and cache split Megatron-style
                      over its "tp" axis (`distributed.make_mesh`, `distributed/tensor_parallel.py`),
                      replicated over a mesh without one; inputs replicated
@@ -97,6 +100,7 @@ class EngineConfig:
     backend: str = "paged_cpu"  # models.attention backend: paged_cpu (XLA CPU decode), paged (Pallas), paged_reference
     kernels: object = "xla"  # the model's ops set (models.ops.OPS_SETS name, or an Ops instance)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | fp8_e4m3 | int8
+    calculate_kv_scales: bool = False  # fp8_e4m3: K / V in calibrated scales folded into the params
     mesh: object = None  # placement: a jax.sharding.Mesh the runner puts params, cache and inputs on
     tp: int = 1  # without a mesh: tp x pp > 1 runs on distributed.make_mesh(tp=tp, pp=pp)
     pp: int = 1  # pipeline stages (continuous_batching/pipeline_runner.py)
@@ -134,6 +138,9 @@ class EngineConfig:
               "False under batch admission (a static batch prefills its prompts whole)")
         check("seed", isinstance(self.seed, int), "an int")
         check("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {list(KV_CACHE_DTYPES)}")
+        check("calculate_kv_scales", isinstance(self.calculate_kv_scales, bool), "a bool")
+        check("calculate_kv_scales", not self.calculate_kv_scales or self.kv_cache_dtype == "fp8_e4m3",
+              "False unless kv_cache_dtype is 'fp8_e4m3' (an int8 cache is always scaled, a float one needs none)")
         check("kernels", not isinstance(self.kernels, str) or self.kernels in KERNEL_SETS,
               f"one of {list(KERNEL_SETS)} (or a models.ops.Ops instance)")
         check("mesh", self.mesh is None or hasattr(self.mesh, "axis_names"), "None or a jax.sharding.Mesh")

@@ -37,7 +37,7 @@ from paged_attention.buckets import pow2_at_least, two_per_octave
 from paged_attention.kv_cache import (cache_dtype, copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks,
                                       swap_out_blocks)
 from paged_attention.metadata import PagedMetadata
-from quantization.kv_int8 import has_folded_kv_scales
+from quantization.kv_int8 import check_folded_scales
 
 MIN_SEQ_BUCKET = 4  # but a lone sequence decodes on one row: XLA CPU reads a weight ~1.4x faster for 1 row than 4
 MIN_BLOCK_BUCKET = 8
@@ -101,10 +101,8 @@ class PagedModelRunner:
                  kv_cache_dtype: str = "auto", num_cpu_blocks: int = 0, mesh=None,
                  param_sharding=None, kv_sharding=None):
         config = model.config
-        if kv_cache_dtype == "int8" and not has_folded_kv_scales(model.params):
-            raise ValueError("kv_cache_dtype 'int8' stores K / V in the units of calibrated per-head scales "
-                             "folded into the weights, and these params carry none: fold them first "
-                             "(quantization.kv_int8.fold_kv_scales; the harness does it for its runs)")
+        if kv_cache_dtype == "int8":
+            check_folded_scales(model.params, "int8", "kv_cache_dtype")
         self.model, self.backend, self.ops = model, backend, get_ops(kernels)
         self.metadata_builder = paged_backend(backend).metadata_builder(block_size, num_blocks,
                                                                         self.ops.kv_heads_seen(config))

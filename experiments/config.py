@@ -178,6 +178,7 @@ class ContinuousRunConfig(Strict):
     backend: Literal[PAGED_BACKENDS] = _engine_default("backend")
     kernels: Literal[KERNEL_SETS] = _engine_default("kernels")
     kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _engine_default("kv_cache_dtype")
+    calculate_kv_scales: bool = _engine_default("calculate_kv_scales")  # fp8_e4m3: calibrated K / V scales
     tp: int = Field(default=_engine_default("tp"), gt=0)  # tensor parallel over tp devices (fake ones on CPU)
     pp: int = Field(default=_engine_default("pp"), gt=0)  # pipeline stages, each on tp devices
     offload_layers: int = Field(default=_engine_default("offload_layers"), ge=0)  # last layers kept in host memory

@@ -13,8 +13,8 @@ whose own shape was not compiled runs on the cheapest compiled shape that covers
 server with a precompiled bucket grid does, and the run reports how many steps did
 (`padded_steps`).
 
-With `kv_cache_dtype: int8` the run first folds per-head K / V scales into the model's weights
-(`quantization/kv_int8.py`): absmax / 127 over `KV_CALIBRATION_WINDOWS` windows of 256 ShareGPT
+With `kv_cache_dtype: int8` (or `fp8_e4m3` with `calculate_kv_scales: true`) the run first folds
+per-head K / V scales into the model's weights (`quantization/kv_int8.py`): absmax / 127 (FP8: / 448) over `KV_CALIBRATION_WINDOWS` windows of 256 ShareGPT
 prompt tokens (`experiments/quant_calibration.py`), part of the engine's build, so of its startup.
 """
 
@@ -39,7 +39,7 @@ from experiments.workloads import Request
 from paged_attention.buckets import round_up
 from quantization.kv_int8 import fold_kv_scales
 
-KV_CALIBRATION_WINDOWS = 16  # int8 KV cache: 256-token ShareGPT windows whose K / V absmax sets the scales
+KV_CALIBRATION_WINDOWS = 16  # scaled KV caches: 256-token ShareGPT windows whose K / V absmax sets the scales
 
 
 def engine_config(run_config, requests: list[Request]) -> EngineConfig:
@@ -57,9 +57,10 @@ def engine_config(run_config, requests: list[Request]) -> EngineConfig:
 class ContinuousServeEngine:
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
         self.config = engine_config(run_config, requests)
-        if self.config.kv_cache_dtype == "int8":  # calibrated K / V scales folded into the weights
+        if self.config.kv_cache_dtype == "int8" or self.config.calculate_kv_scales:  # calibrated K / V scales
             model = dataclasses.replace(model, params=fold_kv_scales(
-                model.params, model.config, *kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS))))
+                model.params, model.config, *kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS)),
+                cache_dtype=self.config.kv_cache_dtype))
         self.model, self.requests = model, requests
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
         self.shapes = ShapeSet()  # step shapes compiled for this run, shared by every Engine it builds

@@ -72,15 +72,16 @@ def test_prefill_readers_widen_the_fp8_cache(rng):
         np.testing.assert_allclose(np.asarray(out)[:11], expected[:11], atol=2e-5, rtol=2e-5, err_msg=name)
 
 
-def one_byte_cache_vs_f32(f32_model, model, kernels: str, dtype: str) -> tuple[float, int, int]:
+def one_byte_cache_vs_f32(f32_model, model, kernels: str, dtype: str, **settings) -> tuple[float, int, int]:
     """(share of greedy tokens equal to the f32 cache's, f32 cache bytes, `dtype` cache bytes): the
-    engine on three prompts, `f32_model` on an f32 cache and `model` on a `dtype` cache."""
+    engine on three prompts, `f32_model` on an f32 cache and `model` on a `dtype` cache (with the
+    EngineConfig `settings`)."""
     prompts = [[3, 1, 4, 1, 5] * k for k in (1, 2, 4)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     tokens, cache_bytes = [], []
-    for run_model, run_dtype in ((f32_model, "float32"), (model, dtype)):
+    for run_model, run_dtype, run_settings in ((f32_model, "float32", {}), (model, dtype, settings)):
         engine = Engine(run_model, EngineConfig(num_blocks=64, block_size=4, max_model_len=64, kernels=kernels,
-                                                kv_cache_dtype=run_dtype))
+                                                kv_cache_dtype=run_dtype, **run_settings))
         tokens.append([out.outputs[0].token_ids for out in engine.generate(prompts, params, progress=False)])
         cache_bytes.append(sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_cache))
     agree = float(np.mean([a == b for x, y in zip(*tokens) for a, b in zip(x, y)]))

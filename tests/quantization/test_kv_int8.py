@@ -2,7 +2,8 @@
 nearest code and saturate at +-127 (the jnp write and the fused QKV kernel's alike), every paged
 reader widens the codes exactly, folding the per-head scales into wq / wk / wv / wo leaves the
 model's logits unchanged, and the engine runs on calibrated scales with a quarter of f32's cache,
-refusing params without them."""
+refusing params without them. The same folding at absmax / 448 calibrates an FP8 cache
+(`calculate_kv_scales`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from paged_attention.decode_cpu import build_decode_indices, paged_decode_attent
 from paged_attention.decode_kernel import paged_decode_attention, paged_decode_attention_reference
 from paged_attention.kv_cache import cache_dtype, write_kv
 from paged_attention.prefill_kernel import paged_prefill_attention, paged_prefill_attention_reference
-from quantization.kv_int8 import fold_kv_scales, has_folded_kv_scales
+from quantization.kv_int8 import fold_kv_scales, folded_code_max
 from tests.kernel_fusion.test_qkv_rope import _case, _fused_args
 from tests.paged_attention.test_fp8_kv_cache import one_byte_cache_vs_f32
 from tests.paged_attention.test_paged_kernels import NUM_KV_HEADS, expected_decode, expected_prefill, paged_case
@@ -81,7 +82,7 @@ def test_folding_scales_leaves_the_logits_unchanged(tiny_model, rng):
     config = tiny_model.config
     k_absmax, v_absmax = (rng.uniform(0.1, 20.0, (config.num_layers, config.num_kv_heads)) for _ in range(2))
     folded = fold_kv_scales(tiny_model.params, config, k_absmax, v_absmax)
-    assert has_folded_kv_scales(folded) and not has_folded_kv_scales(tiny_model.params)
+    assert folded_code_max(folded) == 127 and folded_code_max(tiny_model.params) is None
     tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 17)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(17), tokens.shape)
     base = forward(tiny_model.params, tokens, positions, config=config)[0]
@@ -112,3 +113,30 @@ def test_int8_cache_write_lowers_to_triton_for_cuda():
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
         *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
     assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_calibrated_fp8_scales(tiny_model):
+    """fold_kv_scales(..., cache_dtype="fp8_e4m3") maps each head's absmax to 448; the engine takes
+    those params with calculate_kv_scales and refuses params folded for another code range."""
+    config = tiny_model.config
+    k_absmax = np.full((config.num_layers, config.num_kv_heads), 8.96)
+    fp8 = dataclasses.replace(tiny_model, params=fold_kv_scales(tiny_model.params, config, k_absmax, k_absmax,
+                                                                cache_dtype="fp8_e4m3"))
+    assert folded_code_max(fp8.params) == 448
+    np.testing.assert_allclose(np.asarray(fp8.params["layers"][0]["kv_scales"][:2]), 8.96 / 448, rtol=1e-6)
+    small = dict(num_blocks=64, block_size=4, max_model_len=64)
+    for params, made in ((tiny_model.params, "carry none"), (fold_kv_scales(tiny_model.params, config, k_absmax,
+                                                                            k_absmax), "up to 127")):
+        with pytest.raises(ValueError, match=f"EngineConfig.calculate_kv_scales.*{made}"):
+            Engine(dataclasses.replace(tiny_model, params=params),
+                   EngineConfig(kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True, **small))
+    with pytest.raises(ValueError, match="kv_cache_dtype.*up to 448"):
+        Engine(fp8, EngineConfig(kv_cache_dtype="int8", **small))
+    with pytest.raises(ValueError, match="EngineConfig.calculate_kv_scales.*fp8_e4m3"):
+        EngineConfig(calculate_kv_scales=True)
+    calibration = np.random.default_rng(0).integers(3, config.vocab_size, (4, 64))
+    calibrated = dataclasses.replace(tiny_model, params=fold_kv_scales(
+        tiny_model.params, config, *kv_absmax(tiny_model, calibration), cache_dtype="fp8_e4m3"))
+    agree, f32_bytes, fp8_bytes = one_byte_cache_vs_f32(tiny_model, calibrated, "xla", "fp8_e4m3",
+                                                        calculate_kv_scales=True)
+    assert f32_bytes == 4 * fp8_bytes and agree >= 0.6
