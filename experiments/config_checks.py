@@ -45,7 +45,7 @@ REPORT_GROUPS = (("static", "hf", "continuous", "llama-cpp", "gemm_roofline"),  
 
 
 # Engines with a `precompile()` (classes of the experiments/engines.py registry), which `warmup: precompile` calls.
-PRECOMPILE_ENGINES = ("static", "hf", "continuous", "llama-cpp")
+PRECOMPILE_ENGINES = ("static", "hf", "continuous", "llama-cpp", "gemm_roofline")
 
 
 def check_config(config) -> list[Problem]:

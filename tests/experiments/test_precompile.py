@@ -89,10 +89,11 @@ def test_every_precompile_engine_has_precompile():
     from experiments.baselines.hf_generate import HFGenerateEngine
     from experiments.baselines.llama_cpp import LlamaCppEngine
     from experiments.continuous_engine import ContinuousServeEngine
+    from experiments.roofline import GemmRooflineEngine
     from experiments.static_engine import StaticEngine
 
     classes = {"static": StaticEngine, "hf": HFGenerateEngine,
-               "continuous": ContinuousServeEngine, "llama-cpp": LlamaCppEngine}
+               "continuous": ContinuousServeEngine, "llama-cpp": LlamaCppEngine, "gemm_roofline": GemmRooflineEngine}
     assert sorted(classes) == sorted(PRECOMPILE_ENGINES)
     assert all(callable(getattr(cls, "precompile", None)) for cls in classes.values())
 
