@@ -9,9 +9,9 @@ kernel, in the same jitted model step. The attention backend's metadata builder
 with the XLA-CPU paths' index lists, so attention work follows each sequence's own length).
 Shapes are bucketed (`paged_attention/buckets.py`) so `jax.jit` compiles a bounded number of
 programs: prefill tokens to 2 sizes per octave (at least `MIN_PREFILL_TOKENS`; padding costs GEMM
-work), prefill rows to a power of two, decode rows to a power of two (at least `MIN_SEQ_BUCKET`, one for a lone sequence),
-block tables to a power of two blocks (at least `MIN_BLOCK_BUCKET`, at most
-`max_blocks_per_seq`). Mixing a long prompt with many decodes thus costs prompt x context plus
+work), prefill rows to a power of two, decode rows to a power of two (at least `MIN_SEQ_BUCKET`,
+but one row for a lone sequence), block tables to a power of two blocks (at least
+`MIN_BLOCK_BUCKET`, at most `max_blocks_per_seq`). Mixing a long prompt with many decodes thus costs prompt x context plus
 decodes x context, not (prompt x decodes) x context.
 """
 
@@ -39,7 +39,7 @@ from paged_attention.kv_cache import (cache_dtype, copy_blocks, init_paged_kv_ca
 from paged_attention.metadata import PagedMetadata
 from quantization.kv_int8 import check_folded_scales
 
-MIN_SEQ_BUCKET = 4  # but a lone sequence decodes on one row: XLA CPU reads a weight ~1.4x faster for 1 row than 4
+MIN_SEQ_BUCKET = 4  # but a lone sequence decodes on one row, where XLA CPU's dots read the weights faster
 MIN_BLOCK_BUCKET = 8
 MIN_PREFILL_TOKENS = 16
 GREEDY = SamplingParams(temperature=0)

@@ -108,22 +108,24 @@ def _block_partials(scaled_q, keys, values, valid):
     return block_max, block_sum, block_out
 
 
-def _dense_decode(scaled_q, kflat, vflat, block_tables, context_lens, num_blocks: int, block_size: int):
-    """Every page of the step's block tables at once, masked past each context: for steps whose
-    tables hold few pages in all (`DENSE_MAX_PAGES`), where the chunked loop's fixed costs dominate.
-    scaled_q f32[num_seqs, num_kv_heads, group, head_dim] -> f32[num_seqs, num_kv_heads, group, head_dim]."""
-    num_seqs, num_kv_heads, group, head_dim = scaled_q.shape
-    max_blocks = block_tables.shape[1]
-    max_tokens = max_blocks * block_size
-    tables = jnp.clip(block_tables, 0, num_blocks - 1).reshape(-1)  # i32[num_seqs * max_blocks]
-    rows = ((jnp.arange(num_kv_heads, dtype=jnp.int32) * num_blocks)[:, None] + tables[None, :]).reshape(-1)
-    shape = (num_kv_heads, num_seqs, max_tokens, head_dim)
+def _page_partials(scaled_q, kflat, vflat, blocks, valid, num_blocks: int):
+    """Partial softmax of each sequence over the given pages of it, read as one span of keys.
+
+    scaled_q f32[num_seqs, num_kv_heads, group, head_dim]; kflat / vflat the cache as rows
+    [num_kv_heads * num_blocks, block_size * head_dim]; blocks i32[num_seqs, pages] (in range);
+    valid bool[num_seqs, pages * block_size]. Returns `_block_partials`' (max, sum, out), kv-major."""
+    num_seqs, num_kv_heads, _, head_dim = scaled_q.shape
+    rows = ((jnp.arange(num_kv_heads, dtype=jnp.int32) * num_blocks)[:, None] + blocks.reshape(1, -1)).reshape(-1)
+    shape = (num_kv_heads, num_seqs, valid.shape[1], head_dim)
     keys = gather_rows(kflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
     values = gather_rows(vflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
-    valid = jnp.arange(max_tokens)[None, :] < context_lens[:, None]  # bool[num_seqs, max_tokens]
-    _, seq_sum, seq_out = _block_partials(scaled_q.transpose(1, 0, 2, 3), keys, values, valid)
-    out = jnp.where(seq_sum[..., None] > 0, seq_out / jnp.where(seq_sum > 0, seq_sum, 1.0)[..., None], 0.0)
-    return out.transpose(1, 0, 2, 3)
+    return _block_partials(scaled_q.transpose(1, 0, 2, 3), keys, values, valid)
+
+
+def _normalized(out, total):
+    """out / total (unnormalized output [..., head_dim] and its softmax sum [...]); zeros where the
+    sum is 0 (a padding row, every position masked)."""
+    return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("dense_max_pages",))
@@ -132,21 +134,23 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     """q f32[num_seqs, num_heads, head_dim]; k_cache/v_cache [num_kv_heads, num_blocks, block_size, head_dim];
     block_tables i32[num_seqs, max_blocks]; context_lens i32[num_seqs] (0: padding row -> zeros);
     pair_seq, pair_query, pair_rows: from build_decode_indices (unread when the tables hold at most
-    `dense_max_pages` pages: `_dense_decode`). Returns [num_seqs, num_heads, head_dim] in q's dtype."""
+    `dense_max_pages` pages: one gather of them all). Returns [num_seqs, num_heads, head_dim] in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads  # query heads per kv head
     num_chunks, chunk = pair_query.shape
     num_pairs = num_chunks * chunk
     scaled_q = (q.astype(jnp.float32) * (1.0 / math.sqrt(head_dim))).reshape(num_seqs, num_kv_heads, group, head_dim)
+    kflat = k_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
+    vflat = v_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
+    if block_tables.size <= dense_max_pages:  # few pages: all of them in one gather, masked past each context
+        tables = jnp.clip(block_tables, 0, num_blocks - 1)
+        valid = jnp.arange(tables.shape[1] * block_size)[None, :] < context_lens[:, None]
+        _, total, out = _page_partials(scaled_q, kflat, vflat, tables, valid, num_blocks)
+        return _normalized(out, total).transpose(1, 0, 2, 3).reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
     # f32[num_seqs + 1, num_kv_heads, group, head_dim]: sequence num_seqs is the padding pairs' dummy
     q_padded = jnp.concatenate([scaled_q, jnp.zeros((1, num_kv_heads, group, head_dim), scaled_q.dtype)], 0)
     q_flat = q_padded.reshape(num_seqs + 1, num_kv_heads * group * head_dim)
-    kflat = k_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
-    vflat = v_cache.reshape(num_kv_heads * num_blocks, block_size * head_dim)
-    if block_tables.size <= dense_max_pages:
-        out = _dense_decode(scaled_q, kflat, vflat, block_tables, context_lens, num_blocks, block_size)
-        return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 
     # 1) all pages but each sequence's last: full, unmasked; chunked so temporaries stay in L2.
     def body(i, carry):
@@ -172,13 +176,8 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     last_block = jnp.clip(jnp.take_along_axis(block_tables, last_page[:, None], axis=1)[:, 0], 0, num_blocks - 1)
     # bool[num_seqs, block_size]: all False for context_len 0
     valid = jnp.arange(block_size)[None, :] < (context_lens - last_page * block_size)[:, None]
-    last_rows = ((jnp.arange(num_kv_heads, dtype=jnp.int32) * num_blocks)[:, None] + last_block[None, :]).reshape(-1)
-    last_q = scaled_q.transpose(1, 0, 2, 3)  # f32[num_kv_heads, num_seqs, group, head_dim]
-    last_shape = (num_kv_heads, num_seqs, block_size, head_dim)
-    last_keys = gather_rows(kflat, last_rows).reshape(last_shape).astype(jnp.float32)  # f32[*last_shape]
-    last_values = gather_rows(vflat, last_rows).reshape(last_shape).astype(jnp.float32)  # f32[*last_shape]
     # last_max/last_sum f32[num_kv_heads, num_seqs, group], last_out f32[num_kv_heads, num_seqs, group, head_dim]
-    last_max, last_sum, last_out = _block_partials(last_q, last_keys, last_values, valid)
+    last_max, last_sum, last_out = _page_partials(scaled_q, kflat, vflat, last_block[:, None], valid, num_blocks)
 
     # 3) merge partials per sequence (segment num_seqs is the padding dummy, dropped).
     segments = dict(num_segments=num_seqs + 1, indices_are_sorted=True)
@@ -193,5 +192,4 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     last_weight = jnp.exp(last_max.transpose(1, 0, 2) - seq_max)  # f32[num_seqs, num_kv_heads, group]
     seq_sum = seq_sum + last_sum.transpose(1, 0, 2) * last_weight
     seq_out = seq_out + last_out.transpose(1, 0, 2, 3) * last_weight[..., None]
-    out = jnp.where(seq_sum[..., None] > 0, seq_out / jnp.where(seq_sum > 0, seq_sum, 1.0)[..., None], 0.0)
-    return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
+    return _normalized(seq_out, seq_sum).reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
