@@ -10,7 +10,8 @@ F32 reads them at ~35 GB/s on these 2 cores (64.9 tok/s, `decode_batch1.yaml`).
 `--quantized` times the same chain (projections only) with int8 per-channel and int4-g32 weights,
 each written two ways: a dot over the dequantized weight (what the model's `linear` does: XLA CPU
 writes an f32 copy of the weight first) and `quantization.reduce_matmul`'s multiply-reduce (which
-reads the codes inside one fusion).
+reads the codes inside one fusion); and as W8A8 (`quantization.w8a8`: an s8 x s8 -> s32 dot), with
+a single row padded to two as `int8_dot` does and without (XLA CPU's one-row s8 dot is slow).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from experiments.decode_step import random_model
 from experiments.roofline import median_seconds
 from quantization.reduce_matmul import reduce_matmul
+from quantization.w8a8 import quantize_w8a8
 from quantization.weight_only import quantize_weight
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -42,12 +44,24 @@ def projection_chain(matmul):
     return chain
 
 
+def _unpadded_w8a8(x, weight):
+    """A W8A8 matmul without `int8_dot`'s padding of a single row: what XLA CPU does with one."""
+    act = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-6) / 127.0
+    xq = jnp.clip(jnp.round(x / act), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot_general(xq, weight.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * act * weight.scales
+
+
 def time_quantized(layers, batches) -> None:
-    """The projection chain in f32, and with int8 / int4-g32 weights as dequantize + dot or multiply-reduce."""
+    """The projection chain in f32, with int8 / int4-g32 weights as dequantize + dot or
+    multiply-reduce, and as W8A8 (int8 activations too) with and without the one-row padding."""
     dequantize_dot = projection_chain(lambda x, w: x @ (w if isinstance(w, jax.Array) else w.dequantize(jnp.float32)))
     reduce = projection_chain(reduce_matmul)
     quantized = {f"int{bits}": [{n: quantize_weight(w, bits, group) for n, w in layer.items()} for layer in layers]
                  for bits, group in ((8, 0), (4, 32))}
+    w8a8_weights = [{n: quantize_w8a8(w) for n, w in layer.items()} for layer in layers]
+    w8a8 = projection_chain(lambda x, w: w.matmul(x))
+    w8a8_unpadded = projection_chain(lambda x, w: _unpadded_w8a8(x, w))
     print("| weights | matmul | batch | ms |")
     print("|---|---|---|---|")
     for batch in batches:
@@ -56,6 +70,8 @@ def time_quantized(layers, batches) -> None:
         for name, weights in quantized.items():
             for label, chain in (("dequantize + dot", dequantize_dot), ("multiply-reduce", reduce)):
                 print(f"| {name} | {label} | {batch} | {time_ms(chain, x, weights):.1f} |", flush=True)
+        for label, chain in (("s8 x s8 -> s32 dot", w8a8), ("the same, one row unpadded", w8a8_unpadded)):
+            print(f"| w8a8 | {label} | {batch} | {time_ms(chain, x, w8a8_weights):.1f} |", flush=True)
 
 
 @jax.jit

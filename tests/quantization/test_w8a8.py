@@ -38,6 +38,20 @@ def test_per_token_w8a8_is_close_and_compiles_to_an_int8_dot(rng):
     assert "s32[5,96]" in hlo and "s8[5,576]" in hlo  # the dot multiplies int8 operands into int32
 
 
+
+def test_a_single_row_runs_as_a_two_row_int8_dot(rng):
+    """XLA CPU's one-row s8 dot is a slow generic loop: one token is padded to two rows, the
+    padding row dropped, and the result is that of the unpadded product."""
+    w = jnp.asarray(rng.standard_normal((576, 96)).astype(np.float32) * 0.05)
+    q = quantize_w8a8(w)
+    x = jnp.asarray(rng.standard_normal((3, 576)).astype(np.float32))
+    for one in (x[:1], x[0]):  # a [1, in] row and a bare [in] vector
+        got = q.matmul(one)
+        assert got.shape == one.shape[:-1] + (96,)
+        np.testing.assert_array_equal(np.asarray(got).reshape(96), np.asarray(q.matmul(x[:2]))[0])
+        hlo = jax.jit(lambda x, q: q.matmul(x)).lower(one, q).compile().as_text()
+        assert "s32[2,96]" in hlo and "s32[1,96]{1,0} dot" not in hlo
+
 def test_smoothing_moves_outliers_into_the_weights_exactly(rng):
     """x / s times W * s is x times W: the smoothed leaf dequantizes back to W within half an int8
     step of the smoothed weight, divided by s."""
