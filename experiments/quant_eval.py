@@ -2,7 +2,8 @@
 measured for size, accuracy and speed side by side.
 
 - size: `bits_per_weight` over the quantized projections (codes plus scales and zero points) and
-  `model_bytes` of the whole params tree as stored (the embedding and norms stay in float);
+  `model_bytes` of the whole params tree as stored (norms stay in float, and so does the embedding
+  except in the 4-bit schemes, which keep the tied table as Q8_0 blocks);
 - accuracy: `perplexity` on gensim's lee_background.cor (the same `perplexity_windows` windows of
   `window` tokens for every scheme, llama.cpp's `perplexity` rule); `prompt_perplexity` on as many
   windows of held-out ShareGPT prompt text (the tokens after the calibration windows: the
@@ -86,8 +87,8 @@ class QuantEvalEngine:
         if scheme in BLOCK_FORMAT_NAMES and kept is None:  # rounded through the blocks, run dequantized
             params, blocks = round_through_blocks(model.params, scheme)
             self.model = dataclasses.replace(model, params=params)
-            float_bytes = tree_bytes(model.params) - tree_bytes([layer[k] for layer in model.params["layers"]
-                                                                 for k in PROJECTIONS if k in layer])
+            float_bytes = tree_bytes(params) - tree_bytes([layer[k] for layer in params["layers"]
+                                                           for k in PROJECTIONS if k in layer])
             self.bits_per_weight = 8 * blocks["bytes"] / blocks["weights"]
             self.model_bytes = float_bytes + blocks["bytes"]
             self.formats = dict(blocks["formats"])

@@ -43,6 +43,7 @@ from kernel_fusion.rms_norm import fused_add_rms_norm
 from kernel_fusion.swiglu import fused_swiglu
 from models.attention import PagedBackend, get_backend
 from quantization.dequant_matmul import dequant_matmul, tiling_problem
+from quantization.quantized_embedding import QuantizedEmbedding
 from quantization.quantized_tensor import QuantizedTensor
 from quantization.w8a8 import W8A8Tensor
 
@@ -71,8 +72,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def dense(weight, dtype) -> jax.Array:
-    """A weight leaf as a plain array: a QuantizedTensor / W8A8Tensor dequantized to `dtype`, an array as is."""
-    return weight.dequantize(dtype) if isinstance(weight, (QuantizedTensor, W8A8Tensor)) else weight
+    """A weight leaf as a plain array: a QuantizedTensor / W8A8Tensor / QuantizedEmbedding dequantized to
+    `dtype`, an array as is."""
+    return weight.dequantize(dtype) if isinstance(weight, (QuantizedTensor, W8A8Tensor, QuantizedEmbedding)) else weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +96,9 @@ class Ops:
         return params
 
     def embed(self, table, tokens: jax.Array) -> jax.Array:
-        """Rows of the embedding table [vocab, hidden] (array or QuantizedTensor): [*tokens.shape, hidden]."""
-        if isinstance(table, QuantizedTensor):
+        """Rows of the embedding table [vocab, hidden] (array, QuantizedTensor or QuantizedEmbedding):
+        [*tokens.shape, hidden]."""
+        if isinstance(table, (QuantizedTensor, QuantizedEmbedding)):
             return table.take_rows(tokens)
         return table[tokens]
 
@@ -157,7 +160,11 @@ class Ops:
 
     def logits(self, x: jax.Array, head, *, transposed: bool = False) -> jax.Array:
         """f32 logits x [..., hidden] @ head [hidden, vocab] (or head.T when `transposed`: a tied
-        embedding table [vocab, hidden])."""
+        embedding table [vocab, hidden]; a QuantizedEmbedding's blocks already lie as the head [hidden, vocab])."""
+        if isinstance(head, QuantizedEmbedding):
+            if not transposed:
+                raise ValueError("a QuantizedEmbedding is a tied embedding table: call logits with transposed=True")
+            return jnp.matmul(x, head.head().astype(x.dtype), preferred_element_type=jnp.float32)
         head = dense(head, x.dtype)
         return jnp.matmul(x, head.T if transposed else head, preferred_element_type=jnp.float32)
 

@@ -6,8 +6,9 @@ format that cannot cut a row falls back as llama.cpp does: Q4_K -> Q5_0, Q6_K ->
 rows; rows no format divides stay in F16) and returns them dequantized to f32: the weights llama.cpp computes with, in a params tree
 the unchanged model runs: accuracy and size for every format. `blocks_as_tensors` keeps the
 formats a QuantizedTensor holds exactly (Q4_0, Q4_1, Q8_0; `ggml_tensor.py`) as blocks instead, so
-the model runs on them (same weights, and speed too). Norms and the embedding table stay as they
-are (like `quantize_params`).
+the model runs on them (same weights, and speed too). Norms stay as they are, and so does the
+embedding table except in the 4-bit formats, which keep a tied one as Q8_0 blocks (like
+`quantize_params`: `quantization/quantized_embedding.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 from quantization.ggml_formats import dequantize_blocks, format_for_rows, quantize_blocks
 from quantization.ggml_legacy import BLOCK
 from quantization.ggml_tensor import TENSOR_FORMATS, quantize_to_tensor
+from quantization.quantized_embedding import quantize_embedding
+from quantization.scheme_names import EMBEDDING_Q8_0_SCHEMES
 from quantization.schemes import PROJECTIONS
 
 
@@ -50,7 +53,7 @@ def round_through_blocks(params: dict, name: str) -> tuple[dict, dict]:
                 summary["formats"][used] += 1
                 layer[key] = jnp.asarray(rounded, layer[key].dtype)
         layers.append(layer)
-    return {**params, "layers": layers}, summary
+    return _with_embedding({**params, "layers": layers}, name), summary
 
 
 def blocks_as_tensors(params: dict, name: str) -> dict | None:
@@ -60,5 +63,10 @@ def blocks_as_tensors(params: dict, name: str) -> dict | None:
     layers = params["layers"]
     if name not in TENSOR_FORMATS or any(layer[k].shape[0] % BLOCK for layer in layers for k in PROJECTIONS if k in layer):
         return None
-    return {**params, "layers": [{**layer, **{k: quantize_to_tensor(layer[k], name) for k in PROJECTIONS if k in layer}}
-                                 for layer in layers]}
+    return _with_embedding({**params, "layers": [
+        {**layer, **{k: quantize_to_tensor(layer[k], name) for k in PROJECTIONS if k in layer}} for layer in layers]}, name)
+
+
+def _with_embedding(params: dict, name: str) -> dict:
+    """params with a tied embedding table as Q8_0 blocks when format `name` is a 4-bit one."""
+    return quantize_embedding(params) if name in EMBEDDING_Q8_0_SCHEMES else params

@@ -7,8 +7,9 @@ optionally the layers' linear weights in a llama.cpp block format made by our `q
 A GGUF 2-D weight is stored as rows of its input dimension, which is how `quantize_blocks` cuts
 them, so the bytes written are exactly the blocks `llama-quantize --pure` would write (tested
 bit-exact against libggml); rows a format cannot cut fall back as llama-quantize does
-(`format_for_rows`). Norms and the token embedding stay F32, the same split as
-`quantization/ggml_params.py` uses for our own model, so both frameworks compute with the same weights.
+(`format_for_rows`). Norms stay F32 and so does the token embedding, except in the 4-bit formats,
+which write it as Q8_0 (`EMBEDDING_Q8_0_SCHEMES`): the same split as `quantization/ggml_params.py`
+uses for our own model, so both frameworks compute with the same weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gguf
 import numpy as np
 
 from quantization.ggml_formats import format_for_rows, quantize_blocks
+from quantization.scheme_names import EMBEDDING_Q8_0_SCHEMES
 
 LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 
@@ -41,6 +43,16 @@ def _file_type(block_format: str | None) -> int:
     return getattr(gguf.LlamaFileType, f"MOSTLY_{block_format}", gguf.LlamaFileType.GUESSED)
 
 
+def _tensor_format(name: str, block_format: str | None, row_length: int) -> str:
+    """The type one tensor is written in: its block format (or llama-quantize's fallback) for a linear
+    weight, Q8_0 for the token embedding of a 4-bit format, F32 otherwise."""
+    if block_format is not None and LINEAR_WEIGHT.fullmatch(name):
+        return format_for_rows(block_format, row_length)
+    if block_format in EMBEDDING_Q8_0_SCHEMES and name == "token_embd.weight":
+        return format_for_rows("Q8_0", row_length)
+    return "F32"
+
+
 def write_gguf(source: str | os.PathLike, dest: str | os.PathLike,
                block_format: str | None = None) -> tuple[Path, dict[str, int]]:
     """(dest, how many tensors each tensor type took): `source` rewritten as the module docstring says."""
@@ -53,8 +65,7 @@ def write_gguf(source: str | os.PathLike, dest: str | os.PathLike,
         # gguf shapes list the fastest axis first; numpy wants it last: [rows, row length]
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         array = array.reshape(tuple(reversed([int(n) for n in tensor.shape])))
-        used = "F32" if block_format is None or not LINEAR_WEIGHT.fullmatch(tensor.name) else \
-            format_for_rows(block_format, array.shape[-1])
+        used = _tensor_format(tensor.name, block_format, array.shape[-1])
         if used == "F32":
             writer.add_tensor(tensor.name, array)
         elif used == "F16":

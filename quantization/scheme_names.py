@@ -30,3 +30,6 @@ FP8_SCHEMES = ("fp8-e4m3", "fp8-e4m3-tensor")
 SCHEME_NAMES = ("none", *WEIGHT_ONLY_SCHEMES, *W8A8_SCHEMES, *HESSIAN_SCHEMES, *FP8_SCHEMES)
 BLOCK_FORMAT_NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 QUANTIZATIONS = (*SCHEME_NAMES, *BLOCK_FORMAT_NAMES)
+# the 4-bit schemes: a tied embedding table goes to Q8_0 blocks too (`quantization/quantized_embedding.py`)
+EMBEDDING_Q8_0_SCHEMES = (*(s for s in WEIGHT_ONLY_SCHEMES if s.startswith("int4")), *HESSIAN_SCHEMES,
+                          "Q4_0", "Q4_1", "Q4_K")

@@ -16,8 +16,10 @@ Scheme names (`parse_scheme`):
     fp8-e4m3, fp8-e4m3-tensor FP8 E4M3 weights (`quantization/fp8.py`), per-channel / per-tensor scales
 
 The seven projections of every layer (and the fused `wqkv` / `w_gate_up` when present) become
-`QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms, the embedding table and the LM head
-stay in their float dtype, as GPTQ / AWQ checkpoints and TensorRT-LLM's weight-only mode keep them.
+`QuantizedTensor` (weight-only) or `W8A8Tensor` leaves; norms stay in their float dtype, and so do the
+embedding table and the LM head, as GPTQ / AWQ checkpoints and TensorRT-LLM's weight-only mode keep
+them, except that the 4-bit schemes (`EMBEDDING_Q8_0_SCHEMES`) keep a tied embedding table as Q8_0
+blocks, as llama.cpp's 4-bit files do (`quantization/quantized_embedding.py`).
 The model code is unchanged: its `linear` op accepts the quantized leaves.
 """
 
@@ -28,10 +30,11 @@ import re
 
 from quantization.quantized_tensor import QuantizedTensor
 from quantization.awq import awq_params
+from quantization.quantized_embedding import quantize_embedding
 from quantization.fp8 import quantize_fp8
 from quantization.gptq import gptq_quantize
-from quantization.scheme_names import (AWQ_SCHEMES, CALIBRATED_SCHEMES, FP8_SCHEMES, GPTQ_SCHEMES, HESSIAN_SCHEMES,
-                                       SCHEME_NAMES, W8A8_SCHEMES)
+from quantization.scheme_names import (AWQ_SCHEMES, CALIBRATED_SCHEMES, EMBEDDING_Q8_0_SCHEMES, FP8_SCHEMES,
+                                       GPTQ_SCHEMES, HESSIAN_SCHEMES, SCHEME_NAMES, W8A8_SCHEMES)
 from quantization.w8a8 import W8A8Tensor, quantize_w8a8
 from quantization.weight_only import quantize_weight
 
@@ -105,7 +108,8 @@ def quantize_params(params: dict, scheme: str, calibration: dict | None = None) 
     if settings is None:
         return params
     if scheme in AWQ_SCHEMES:
-        return awq_params(params, calibration, settings.bits, settings.group_size, settings.symmetric)
+        return quantize_embedding(awq_params(params, calibration, settings.bits, settings.group_size,
+                                             settings.symmetric))
     quantize = _quantizer(scheme, settings, calibration)
     layers = []
     for index, layer in enumerate(params["layers"]):
@@ -117,4 +121,5 @@ def quantize_params(params: dict, scheme: str, calibration: dict | None = None) 
                 raise ValueError(f"layers[{index}].{name} is already quantized")
             layer[name] = quantize(index, name, layer[name])
         layers.append(layer)
-    return {**params, "layers": layers}
+    quantized = {**params, "layers": layers}
+    return quantize_embedding(quantized) if scheme in EMBEDDING_Q8_0_SCHEMES else quantized

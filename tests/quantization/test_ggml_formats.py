@@ -12,6 +12,7 @@ from models.model import find_packaged_gguf
 from quantization.ggml_formats import FORMATS, dequantize_blocks, format_for_rows, quantize_blocks
 from quantization.ggml_params import round_through_blocks
 from quantization.libggml import ggml_quantize, load_libggml
+from quantization.quantized_embedding import QuantizedEmbedding
 from quantization.scheme_names import BLOCK_FORMAT_NAMES
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -140,4 +141,6 @@ def test_round_through_blocks_rounds_each_projection_along_its_input_rows(rng):
     np.testing.assert_array_equal(np.asarray(rounded["layers"][0]["w_down"]), expected_down)
     assert summary["formats"] == {"Q5_0": 1, "Q4_K": 1} and summary["weights"] == wq.size + w_down.size
     assert summary["bytes"] == 64 * 576 // 32 * 22 + 48 * 1536 // 256 * 144
-    assert rounded["embed"] is params["embed"] and rounded["layers"][0]["attn_norm"] is params["layers"][0]["attn_norm"]
+    assert rounded["layers"][0]["attn_norm"] is params["layers"][0]["attn_norm"]
+    assert isinstance(rounded["embed"], QuantizedEmbedding)  # a 4-bit format: the tied table in Q8_0 blocks
+    assert round_through_blocks(params, "Q5_0")[0]["embed"] is params["embed"]

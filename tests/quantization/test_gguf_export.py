@@ -26,13 +26,17 @@ def q4_0_file(tmp_path_factory):
     return source, dest, counts
 
 
-def test_linear_weights_are_our_blocks_and_the_rest_f32(q4_0_file):
+def test_linear_weights_are_our_blocks_the_embedding_q8_0_and_the_rest_f32(q4_0_file):
     source, dest, counts = q4_0_file
-    assert counts == {"Q4_0": 7 * 30, "F32": 62}
+    assert counts == {"Q4_0": 7 * 30, "Q8_0": 1, "F32": 61}
     before, after = gguf.GGUFReader(source), gguf.GGUFReader(dest)
+    types = gguf.GGMLQuantizationType
     for a, b in zip(before.tensors, after.tensors, strict=True):
         assert (a.name, list(a.shape)) == (b.name, list(b.shape))
-        expected = gguf.GGMLQuantizationType.Q4_0 if LINEAR_WEIGHT.fullmatch(a.name) else gguf.GGMLQuantizationType.F32
+        expected = types.Q4_0 if LINEAR_WEIGHT.fullmatch(a.name) else types.F32
+        if a.name == "token_embd.weight":  # a 4-bit format keeps the tied embedding in Q8_0: the shipped blocks
+            expected = types.Q8_0
+            np.testing.assert_array_equal(np.asarray(b.data), np.asarray(a.data))
         assert b.tensor_type == expected, a.name
     down = next(t for t in before.tensors if t.name == "blk.7.ffn_down.weight")
     rows = gguf.quants.dequantize(down.data, down.tensor_type)  # f32[576, 1536]
