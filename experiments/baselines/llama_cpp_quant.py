@@ -2,7 +2,8 @@
 
 One run writes the model's GGUF with its layers' linear weights in one llama.cpp block format
 (`quantization/gguf_export.py`: the blocks our `quantize_blocks` makes, bit-exact with
-llama-quantize; embedding and norms F32, the split our `quant_eval` block-format rows use), or all
+llama-quantize; norms F32, the embedding F32 or Q8_0 in the 4-bit formats, the split our
+`quant_eval` block-format rows use), or all
 F32 for `quantization: none`, and measures it in llama.cpp (llama-cpp-python's low-level API) the
 way `quant_eval` measures our model:
 
