@@ -30,6 +30,8 @@ MICRO_BENCHMARK = ("kv_bytes_allocated_peak",)
 QUANT_METRICS = ("bits_per_weight", "model_bytes", "perplexity", "perplexity_tokens", "prompt_perplexity",
                  "logit_max_abs_err", "logit_mean_abs_err", "top1_agreement", "decode_b1_tokens_per_s",
                  "decode_b64_tokens_per_s", "prompt_tokens_per_s", "block_formats_used")
+# ours only: each speed over the unquantized model's, both timed alternately in the same run
+QUANT_SPEEDUPS = ("decode_b1_speedup", "decode_b64_speedup", "prompt_speedup")
 
 # the parallelism table's metrics (experiments/parallel_eval.py)
 PARALLEL_METRICS = ("devices", "param_bytes_per_device", "host_param_bytes", "kv_bytes_per_device", "collectives_per_decode_step",
@@ -72,7 +74,7 @@ _ENGINES = {
                                        *(f"{op}_{kind}" for op in FUSION_OPS[:-1]
                                          for kind in ("bytes", "bytes_unfused", "gb_per_s")))),
     # experiments/fusion_bench.py
-    "quant_eval": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/quant_eval.py
+    "quant_eval": (MICRO_BENCHMARK, (*QUANT_METRICS, *QUANT_SPEEDUPS)),  # experiments/quant_eval.py
     "llama-cpp-quant": (MICRO_BENCHMARK, QUANT_METRICS),  # experiments/baselines/llama_cpp_quant.py
     "parallel_eval": (MICRO_BENCHMARK, PARALLEL_METRICS),  # experiments/parallel_eval.py
     "parallel_projection": (MICRO_BENCHMARK, PROJECTION_METRICS),  # experiments/parallel_projection.py

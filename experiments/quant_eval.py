@@ -14,7 +14,10 @@ measured for size, accuracy and speed side by side.
   (`quant_calibration.py`);
 - speed (weight-only and W8A8 schemes and `none`; the model runs on their leaves): decode
   tokens/s at batch 1 and 64 (one step, 256-token contexts, pages scattered) and prompt tokens/s
-  (one `prompt_len` prefill step), medians of `iterations` steps after two warm-up steps. Block
+  (one `prompt_len` prefill step), medians of `iterations` steps after two warm-up steps; and each
+  as a `*_speedup` over the unquantized model, whose same step is timed in the same run,
+  alternating step by step with ours (a 2-core machine drifts between runs minutes apart by more
+  than the differences measured here; alternation gives both medians the same machine). Block
   formats are rounded through and dequantized (`quantization/ggml_params.py`): the model computes
   with exactly llama.cpp's weights, but not on the blocks, so they report no speed.
 A model without a tokenizer (the `tiny` smoke model) scores the text's bytes as token ids.
@@ -23,6 +26,7 @@ A model without a tokenizer (the `tiny` smoke model) scores the text's bytes as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -36,7 +40,6 @@ from experiments.decode_step import scattered_runner
 from experiments.perplexity import perplexity
 from experiments.quant_calibration import (CALIBRATION_WINDOW, activation_stats, calibration_windows, encode,
                                            held_out_prompt_ids)
-from experiments.roofline import median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
 from quantization.ggml_params import blocks_as_tensors, round_through_blocks
@@ -113,11 +116,30 @@ class QuantEvalEngine:
         run = window_logits_fn(self.base.config, window)
         return logit_errors(run(self.base.params), run(self.model.params))
 
-    def _step_seconds(self, lens: list[int], new_tokens: list[list[int]]) -> float:
-        runner, tables = scattered_runner(self.model, lens, np.random.default_rng(0), "paged_cpu")
-        seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
-        runner.step(seqs)  # compile; median_seconds adds one more untimed step
-        return median_seconds(lambda: runner.step(seqs), self.run_config.iterations)
+    def _step_seconds(self, lens: list[int], new_tokens: list[list[int]]) -> tuple[float, float]:
+        """(ours, the unquantized model's): median seconds of one model step over these sequences,
+        both timed in turn, step by step, after two warm-up steps each."""
+        steps = []
+        for model in (self.model, self.base):
+            runner, tables = scattered_runner(model, lens, np.random.default_rng(0), "paged_cpu")
+            seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
+            for _ in range(2):  # compile, then warm caches
+                runner.step(seqs)
+            steps.append(functools.partial(runner.step, seqs))
+        times = np.zeros((self.run_config.iterations, 2))
+        for i in range(self.run_config.iterations):
+            for j, step in enumerate(steps):
+                start = time.perf_counter()
+                step()
+                times[i, j] = time.perf_counter() - start
+        ours, base = np.median(times, axis=0)
+        return float(ours), float(base)
+
+    def _speed(self, extra: dict, name: str, tokens: int, lens: list[int], new_tokens: list[list[int]]) -> None:
+        """extra[name + "_tokens_per_s"] and extra[name + "_speedup"] (ours over the unquantized model's)."""
+        ours, base = self._step_seconds(lens, new_tokens) if self.timed else (None, None)
+        extra[f"{name}_tokens_per_s"] = None if ours is None else tokens / ours
+        extra[f"{name}_speedup"] = None if ours is None else base / ours
 
     def serve(self, requests, progress) -> RunTrace:
         rc = self.run_config
@@ -130,11 +152,8 @@ class QuantEvalEngine:
         extra = {"bits_per_weight": self.bits_per_weight, "model_bytes": self.model_bytes, "perplexity": ppl,
                  "perplexity_tokens": scored, "prompt_perplexity": chat_ppl, **self._logit_errors(ids[:rc.window])}
         for batch in DECODE_BATCHES:
-            extra[f"decode_b{batch}_tokens_per_s"] = (
-                batch / self._step_seconds([rc.context_len] * batch, [[5]] * batch) if self.timed else None)
-        extra["prompt_tokens_per_s"] = (
-            rc.prompt_len / self._step_seconds([rc.prompt_len], [list(range(1, rc.prompt_len + 1))])
-            if self.timed else None)
+            self._speed(extra, f"decode_b{batch}", batch, [rc.context_len] * batch, [[5]] * batch)
+        self._speed(extra, "prompt", rc.prompt_len, [rc.prompt_len], [list(range(1, rc.prompt_len + 1))])
         extra["block_formats_used"] = None if self.formats is None else ", ".join(
             f"{name} x{count}" for name, count in sorted(self.formats.items()))
         progress(len(requests))

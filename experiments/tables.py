@@ -95,7 +95,9 @@ QUANT_COLUMNS = [
     ("logit_mean_abs_err", "logit mean err", "{:.4f}"),
     ("top1_agreement", "top-1 agree", "{:.1%}"),
     ("decode_b1_tokens_per_s", "decode b1 tok/s", "{:.1f}"),
+    ("decode_b1_speedup", "b1 vs f32 (same run)", "{:.2f}x"),
     ("decode_b64_tokens_per_s", "decode b64 tok/s", "{:.0f}"),
+    ("decode_b64_speedup", "b64 vs f32 (same run)", "{:.2f}x"),
     ("prompt_tokens_per_s", "prompt tok/s", "{:.0f}"),
     ("block_formats_used", "formats used", "{}"),
 ]

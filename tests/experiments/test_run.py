@@ -44,6 +44,8 @@ def test_smoke_run_writes_results(path, tmp_path, capsys):
             assert m["perplexity"] > 1 and 0 < m["bits_per_weight"] <= 32 and 0 <= m["top1_agreement"] <= 1
             block_format = run["config"]["quantization"].startswith("Q")
             assert (m["decode_b1_tokens_per_s"] is None) == block_format == (m["block_formats_used"] is not None)
+            assert (m["decode_b64_speedup"] is None) == block_format
+            assert block_format or m["decode_b64_speedup"] > 0  # ours over the base, timed alternately
             continue
         if run["config"]["engine"] == "parallel_eval":
             assert m["param_bytes_per_device"] > 0 and m["logit_max_abs_gap"] < 1e-4 and m["prefill_ms"] > 0
