@@ -35,6 +35,7 @@ from continuous_batching.engine_stats import EngineStats
 from continuous_batching.model_runner import PagedModelRunner, num_compilations
 from continuous_batching.pipeline_runner import PipelineModelRunner
 from continuous_batching.request import Sequence, Status
+from continuous_batching.request_output import FINISH_REASONS, CompletionOutput, RequestOutput
 from continuous_batching.reservation import ReservationManager
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.scheduler import Scheduler
@@ -47,29 +48,6 @@ from distributed.tensor_parallel import runner_placement
 from models.sampling import request_key
 from paged_attention.block_manager import BlockManager
 from quantization.kv_int8 import check_folded_scales
-
-FINISH_REASONS = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "length",
-                  Status.FINISHED_ABORTED: "abort"}
-
-
-@dataclasses.dataclass
-class CompletionOutput:
-    index: int  # which of the request's n samples (beam search: the beam's rank, 0 = best)
-    token_ids: list[int]  # every token generated so far
-    new_token_ids: list[int]  # the tokens this step added
-    text: str | None  # detokenized output once finished (None before, or without a tokenizer)
-    finish_reason: str | None  # None while running; "stop", "length" or "abort"
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per token: (its lp, top-k (id, lp))
-    cumulative_logprob: float | None = None  # beam search: the beam's summed raw log-probs
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-
 
 @dataclasses.dataclass
 class _Request:
