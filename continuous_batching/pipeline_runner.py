@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from continuous_batching.model_runner import PagedModelRunner, PreparedStep, _sample_alone
+from continuous_batching.model_runner import PagedModelRunner, _sample_alone
+from continuous_batching.prepared_step import PreparedStep
 from distributed.mesh import axis_size
 from distributed.pipeline import Pipeline
 
