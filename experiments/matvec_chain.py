@@ -25,7 +25,7 @@ import numpy as np
 from experiments.decode_step import random_model
 from experiments.roofline import median_seconds
 from quantization.reduce_matmul import reduce_matmul
-from quantization.w8a8 import quantize_w8a8
+from quantization.w8a8 import quantize_activations, quantize_w8a8
 from quantization.weight_only import quantize_weight
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -46,8 +46,7 @@ def projection_chain(matmul):
 
 def _unpadded_w8a8(x, weight):
     """A W8A8 matmul without `int8_dot`'s padding of a single row: what XLA CPU does with one."""
-    act = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-6) / 127.0
-    xq = jnp.clip(jnp.round(x / act), -127, 127).astype(jnp.int8)
+    xq, act = quantize_activations(x, weight.smooth, weight.act_scale)
     acc = jax.lax.dot_general(xq, weight.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * act * weight.scales
 

@@ -40,6 +40,7 @@ from experiments.decode_step import scattered_runner
 from experiments.perplexity import perplexity
 from experiments.quant_calibration import (CALIBRATION_WINDOW, activation_stats, calibration_windows, encode,
                                            held_out_prompt_ids)
+from experiments.roofline import paired_median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
 from quantization.ggml_params import blocks_as_tensors, round_through_blocks
@@ -123,17 +124,9 @@ class QuantEvalEngine:
         for model in (self.model, self.base):
             runner, tables = scattered_runner(model, lens, np.random.default_rng(0), "paged_cpu")
             seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
-            for _ in range(2):  # compile, then warm caches
-                runner.step(seqs)
             steps.append(functools.partial(runner.step, seqs))
-        times = np.zeros((self.run_config.iterations, 2))
-        for i in range(self.run_config.iterations):
-            for j, step in enumerate(steps):
-                start = time.perf_counter()
-                step()
-                times[i, j] = time.perf_counter() - start
-        ours, base = np.median(times, axis=0)
-        return float(ours), float(base)
+        ours, base = paired_median_seconds(steps, self.run_config.iterations, warmups=2)
+        return ours, base
 
     def _speed(self, extra: dict, name: str, tokens: int, lens: list[int], new_tokens: list[list[int]]) -> None:
         """extra[name + "_tokens_per_s"] and extra[name + "_speedup"] (ours over the unquantized model's)."""

@@ -30,13 +30,23 @@ def matmul_flops_per_token(config) -> int:
 
 def median_seconds(fn, iterations: int) -> float:
     """Median wall time of `fn()` over `iterations` calls, after one untimed call (compile, caches)."""
-    fn()  # compile / warm caches
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return paired_median_seconds([fn], iterations)[0]
+
+
+def paired_median_seconds(fns, iterations: int, warmups: int = 1) -> list[float]:
+    """Median wall time of each of `fns` over `iterations` rounds that call them in turn, after
+    `warmups` untimed rounds (compile, caches): alternation gives every fn the same machine, where
+    runs minutes apart drift by more than the differences measured."""
+    for _ in range(warmups):
+        for fn in fns:
+            fn()
+    times = np.zeros((iterations, len(fns)))
+    for i in range(iterations):
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i, j] = time.perf_counter() - start
+    return [float(t) for t in np.median(times, axis=0)]
 
 
 def gemm_gflops_xla(size: int, iterations: int) -> float:

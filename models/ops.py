@@ -72,9 +72,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def dense(weight, dtype) -> jax.Array:
-    """A weight leaf as a plain array: a QuantizedTensor / W8A8Tensor / QuantizedEmbedding dequantized to
+    """A weight leaf as a plain array: a QuantizedTensor / W8A8Tensor dequantized to
     `dtype`, an array as is."""
-    return weight.dequantize(dtype) if isinstance(weight, (QuantizedTensor, W8A8Tensor, QuantizedEmbedding)) else weight
+    return weight.dequantize(dtype) if isinstance(weight, (QuantizedTensor, W8A8Tensor)) else weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +164,9 @@ class Ops:
         if isinstance(head, QuantizedEmbedding):
             if not transposed:
                 raise ValueError("a QuantizedEmbedding is a tied embedding table: call logits with transposed=True")
-            return jnp.matmul(x, head.head().astype(x.dtype), preferred_element_type=jnp.float32)
-        head = dense(head, x.dtype)
+            head, transposed = head.head(x.dtype), False
+        else:
+            head = dense(head, x.dtype)
         return jnp.matmul(x, head.T if transposed else head, preferred_element_type=jnp.float32)
 
 

@@ -61,9 +61,9 @@ class QuantizedEmbedding:
                                       mins=None if self.weight.mins is None else self.weight.mins[:, flat])
         return columns.dequantize(self.dtype).T.reshape(*tokens.shape, self.shape[1])
 
-    def head(self) -> jax.Array:
-        """The LM head [hidden, vocab] (the table's transpose) dequantized, in `dtype`."""
-        return self.weight.dequantize(self.dtype)
+    def head(self, dtype=None) -> jax.Array:
+        """The LM head [hidden, vocab] (the table's transpose) dequantized, in `dtype` (default: the table's)."""
+        return self.weight.dequantize(dtype or self.dtype)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The whole table [vocab, hidden]."""

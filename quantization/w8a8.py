@@ -55,17 +55,22 @@ class W8A8Tensor:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] in x's dtype, through an int8 x int8 -> int32 dot."""
-        xs = x.astype(jnp.float32)
-        if self.smooth is not None:
-            xs = xs / self.smooth
-        if self.act_scale is None:
-            act = jnp.max(jnp.abs(xs), axis=-1, keepdims=True) / 127.0  # f32[..., 1]: per token
-        else:
-            act = self.act_scale
-        act = jnp.where(act > 0, act, 1.0)
-        xq = jnp.clip(jnp.round(xs / act), -127, 127).astype(jnp.int8)
+        xq, act = quantize_activations(x, self.smooth, self.act_scale)
         acc = int8_dot(xq, self.values)  # i32[..., out]
         return (acc.astype(jnp.float32) * act * self.scales.astype(jnp.float32)).astype(x.dtype)
+
+
+def quantize_activations(x: jax.Array, smooth: jax.Array | None,
+                         act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """x [..., in] -> (codes s8[..., in], scale f32[..., 1] or f32[]): x divided by the smoothing
+    factors, then by one scale per token (`max |x / s| / 127`, dynamic) or the static per-tensor
+    `act_scale`; an all-zero token keeps scale 1."""
+    xs = x.astype(jnp.float32)
+    if smooth is not None:
+        xs = xs / smooth
+    act = jnp.max(jnp.abs(xs), axis=-1, keepdims=True) / 127.0 if act_scale is None else act_scale
+    act = jnp.where(act > 0, act, 1.0)
+    return jnp.clip(jnp.round(xs / act), -127, 127).astype(jnp.int8), act
 
 
 def int8_dot(xq: jax.Array, values: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from experiments.quant_calibration import activation_stats
 from models.llama import forward
 from models.ops import Ops
 from quantization.schemes import quantize_params
-from quantization.w8a8 import W8A8Tensor, quantize_w8a8
+from quantization.w8a8 import W8A8Tensor, quantize_activations, quantize_w8a8
 
 
 def activations_with_outliers(rng, tokens=64, channels=576, outliers=(7, 300), size=1000.0):
@@ -51,6 +51,19 @@ def test_a_single_row_runs_as_a_two_row_int8_dot(rng):
         np.testing.assert_array_equal(np.asarray(got).reshape(96), np.asarray(q.matmul(x[:2]))[0])
         hlo = jax.jit(lambda x, q: q.matmul(x)).lower(one, q).compile().as_text()
         assert "s32[2,96]" in hlo and "s32[1,96]{1,0} dot" not in hlo
+
+
+def test_activations_quantize_per_token_or_per_tensor_and_zero_tokens_keep_scale_one():
+    x = jnp.asarray([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [254.0, 1.0, -127.0]])
+    smooth = jnp.asarray([1.0, 2.0, 1.0])
+    codes, act = quantize_activations(x, smooth, None)  # x / smooth: [[0, 0, 0], [1, -1, .5], [254, .5, -127]]
+    np.testing.assert_allclose(np.asarray(act)[:, 0], [1.0, 1 / 127, 2.0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(codes), [[0, 0, 0], [127, -127, 64], [127, 0, -64]])
+    assert codes.dtype == jnp.int8
+    codes, act = quantize_activations(x, None, jnp.float32(1.0))  # one static scale: big values clip
+    np.testing.assert_array_equal(np.asarray(codes), [[0, 0, 0], [1, -2, 0], [127, 1, -127]])
+    assert act.shape == ()
+
 
 def test_smoothing_moves_outliers_into_the_weights_exactly(rng):
     """x / s times W * s is x times W: the smoothed leaf dequantizes back to W within half an int8
