@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.sampling import SamplingArrays, SamplingConfig, sample, sampling_kind
+from models.sampling import SamplingArrays, SamplingConfig, blocked_argmax, sample, sampling_kind
 
 sample_jit = jax.jit(sample, static_argnames="kind")
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -143,3 +143,16 @@ def test_sampling_kind_is_the_cheapest_that_serves_all_rows(logits):
         assert draw(logits[0], [greedy], kind=kind)[0] == int(np.argmax(logits[0]))
     with pytest.raises(ValueError, match="sampling kind must be one of"):
         draw(logits[0], [greedy], kind="beam")
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 512, 1000, 1537])
+def test_blocked_argmax_is_argmax_with_its_ties_and_nans(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.integers(-3, 3, (6, vocab)).astype(np.float32)  # many ties: the first maximum must win
+    logits[1] = -np.inf  # not finite: plain argmax
+    logits[2, vocab // 2:] = np.nan  # argmax returns the first NaN
+    logits[3, -1] = 100.0  # the maximum in the last (padded) block
+    for rows in (logits, logits[[0, 3, 4, 5]]):  # with rows that are not finite (plain argmax), and without
+        got = np.asarray(jax.jit(blocked_argmax, static_argnums=1)(jnp.asarray(rows), 8 if vocab < 512 else 512))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(rows), axis=-1)))
+        assert got.dtype == np.int32
