@@ -34,13 +34,10 @@ from continuous_batching.engine_config import EngineConfig
 from continuous_batching.sampling_params import SamplingParams
 from continuous_batching.step_shapes import ShapeSet
 from experiments.config_checks import engine_settings
-from experiments.quant_calibration import calibration_windows, kv_absmax
+from experiments.quant_calibration import with_calibrated_kv_scales
 from experiments.trace import RequestRecord, RunTrace, untimed_pass
 from experiments.workloads import Request
 from paged_attention.buckets import round_up
-from quantization.kv_int8 import fold_kv_scales
-
-KV_CALIBRATION_WINDOWS = 16  # scaled KV caches: 256-token ShareGPT windows whose K / V absmax sets the scales
 
 
 def engine_config(run_config, requests: list[Request]) -> EngineConfig:
@@ -59,9 +56,7 @@ class ContinuousServeEngine:
     def __init__(self, model: models.Model, run_config, requests: list[Request]):
         self.config = engine_config(run_config, requests)
         if self.config.kv_cache_dtype == "int8" or self.config.calculate_kv_scales:  # calibrated K / V scales
-            model = dataclasses.replace(model, params=fold_kv_scales(
-                model.params, model.config, *kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS)),
-                cache_dtype=self.config.kv_cache_dtype))
+            model = with_calibrated_kv_scales(model, self.config.kv_cache_dtype)
         self.model, self.requests = model, requests
         self.outputs: dict[int, list[int]] = {}  # request id -> generated tokens (for checks)
         self.shapes = ShapeSet()  # step shapes compiled for this run, shared by every Engine it builds

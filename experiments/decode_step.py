@@ -31,9 +31,9 @@ def random_model() -> models.Model:
 
 def scattered_runner(model: models.Model, context_lens, rng, backend: str, block_size: int = 16,
                      kernels="xla", runner_class=PagedModelRunner, **placement):
-    """A runner (ops set `kernels`; `placement`: the runner's mesh / param_sharding / kv_sharding)
-    whose pool holds exactly these sequences' pages, scattered at random; returns (runner, each
-    sequence's block table)."""
+    """A runner (ops set `kernels`; `placement`: the runner's kv_cache_dtype / mesh / param_sharding /
+    kv_sharding) whose pool holds exactly these sequences' pages, scattered at random; returns
+    (runner, each sequence's block table)."""
     pages = -(-np.asarray(context_lens) // block_size)
     perm = rng.permutation(int(pages.sum()) + 8)
     runner = runner_class(model, num_blocks=len(perm), block_size=block_size,

@@ -2,6 +2,13 @@
 
 Token t of a window is scored given tokens 0..t-1 of the same window (the first token of each window
 is not scored), which is what llama.cpp's `perplexity` tool does with `--ctx-size window`.
+
+With a float KV cache the window runs through the plain causal forward (the same arithmetic as the
+engine's). A quantized cache (`kv_cache_dtype: int8` / `fp8_e4m3`) rounds every K and V the
+attention reads, which that forward never does, so such a window runs through the engine's paged
+path instead: one prefill of the window into a paged cache of that dtype, written then read back
+by the `paged_cpu` kernels as every engine step does (as llama.cpp's `perplexity` reads its
+quantized cache).
 """
 
 from __future__ import annotations
@@ -14,7 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.attention import paged_backend
 from models.llama import forward
+from paged_attention.kv_cache import cache_dtype, init_paged_kv_cache
+
+FLOAT_CACHES = ("auto", "float32")  # kv_cache_dtype values whose cache stores the model's f32 K / V as they are
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -54,10 +65,36 @@ def perplexity_of(total_nll: float, windows: np.ndarray) -> tuple[float, int]:
     return math.exp(total_nll / scored), scored
 
 
+@functools.partial(jax.jit, static_argnames=("config", "backend"))
+def _paged_logits(params, tokens, kv_cache, metadata, *, config, backend):
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    logits, _ = forward(params, tokens, positions, kv_cache, metadata, config=config, backend=backend)
+    return logits  # f32[window, vocab]
+
+
+def paged_window_logits(model: models.Model, window: np.ndarray, kv_cache_dtype: str,
+                        backend: str = "paged_cpu", block_size: int = 16) -> np.ndarray:
+    """f32[window, vocab]: the logits of one token window prefilled as one sequence into a fresh
+    paged cache of `kv_cache_dtype` (its K / V written, then attended from the cache)."""
+    config, num_tokens = model.config, len(window)
+    num_blocks = -(-num_tokens // block_size)
+    metadata = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads).build(
+        [list(range(num_blocks))], [num_tokens], [num_tokens], num_prefill=1, prefill_tokens=num_tokens,
+        prefill_seqs=1, decode_seqs=0, max_blocks=num_blocks)
+    kv_cache = init_paged_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                                   cache_dtype(kv_cache_dtype, model.dtype))
+    return np.asarray(_paged_logits(model.params, jnp.asarray(window, jnp.int32), kv_cache, metadata,
+                                    config=config, backend=backend))
+
+
 def perplexity(model: models.Model, token_ids: list[int], window: int = 512, batch_size: int = 4,
-               max_windows: int | None = None) -> tuple[float, int]:
-    """(perplexity, tokens scored) over consecutive `window`-token chunks of token_ids."""
+               max_windows: int | None = None, kv_cache_dtype: str = "auto") -> tuple[float, int]:
+    """(perplexity, tokens scored) over consecutive `window`-token chunks of token_ids, on a KV
+    cache of `kv_cache_dtype` (module docstring)."""
     windows = scoring_windows(token_ids, window, max_windows)
+    if kv_cache_dtype not in FLOAT_CACHES:
+        total_nll = sum(nll_of_next_tokens(paged_window_logits(model, w, kv_cache_dtype), w) for w in windows)
+        return perplexity_of(total_nll, windows)
     total_nll = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]

@@ -21,6 +21,7 @@ from experiments.datasets import sharegpt_pairs
 from models.llama import forward
 from models.ops import Ops
 from quantization.activation_stats import ActivationStats
+from quantization.kv_int8 import fold_kv_scales
 from quantization.schemes import PROJECTIONS
 
 
@@ -122,3 +123,15 @@ def kv_absmax(model: models.Model, tokens) -> tuple[np.ndarray, np.ndarray]:
     forward(model.params, tokens, positions, config=model.config, ops=ops)
     absmax = np.stack([ops.absmax[i] for i in range(len(model.params["layers"]))])  # f32[layers, 2, kv_heads]
     return absmax[:, 0], absmax[:, 1]
+
+
+KV_CALIBRATION_WINDOWS = 16  # scaled KV caches: 256-token ShareGPT windows whose K / V absmax sets the scales
+
+
+def with_calibrated_kv_scales(model: models.Model, cache_dtype: str) -> models.Model:
+    """The model with per-layer, per-KV-head K / V scales for a `cache_dtype` cache folded into its
+    weights (`quantization.kv_int8.fold_kv_scales`), from the absmax over `KV_CALIBRATION_WINDOWS`
+    calibration windows; its logits are the same on a float cache."""
+    absmax = kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS))
+    return dataclasses.replace(model, params=fold_kv_scales(model.params, model.config, *absmax,
+                                                            cache_dtype=cache_dtype))

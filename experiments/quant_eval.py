@@ -20,6 +20,11 @@ measured for size, accuracy and speed side by side.
   than the differences measured here; alternation gives both medians the same machine). Block
   formats are rounded through and dequantized (`quantization/ggml_params.py`): the model computes
   with exactly llama.cpp's weights, but not on the blocks, so they report no speed.
+- `kv_cache_dtype: int8` (TensorRT-LLM's SmoothQuant + INT8 KV cache): calibrated per-head K / V
+  scales are folded into the float weights before the scheme quantizes them (and before its own
+  calibration), the speed steps run on an int8 paged cache, and perplexities and logit errors come
+  from the paged path, since only there are K and V rounded (`experiments/perplexity.py`). The
+  reference stays the unquantized model on its float cache.
 A model without a tokenizer (the `tiny` smoke model) scores the text's bytes as token ids.
 """
 
@@ -37,9 +42,9 @@ import models
 from continuous_batching.request import Sequence
 from experiments.datasets import lee_background_text
 from experiments.decode_step import scattered_runner
-from experiments.perplexity import perplexity
+from experiments.perplexity import paged_window_logits, perplexity
 from experiments.quant_calibration import (CALIBRATION_WINDOW, activation_stats, calibration_windows, encode,
-                                           held_out_prompt_ids)
+                                           held_out_prompt_ids, with_calibrated_kv_scales)
 from experiments.roofline import paired_median_seconds
 from experiments.trace import RunTrace
 from models.llama import forward
@@ -86,7 +91,9 @@ class QuantEvalEngine:
     def __init__(self, model: models.Model, run_config, requests):
         del requests  # the text and the shapes come from the run config
         self.run_config, self.base = run_config, model
-        scheme = run_config.quantization
+        scheme, self.kv_cache_dtype = run_config.quantization, run_config.kv_cache_dtype
+        if self.kv_cache_dtype != "auto":  # the scheme quantizes the folded weights
+            model = with_calibrated_kv_scales(model, self.kv_cache_dtype)
         kept = blocks_as_tensors(model.params, scheme) if scheme in BLOCK_FORMAT_NAMES else None
         if scheme in BLOCK_FORMAT_NAMES and kept is None:  # rounded through the blocks, run dequantized
             params, blocks = round_through_blocks(model.params, scheme)
@@ -115,14 +122,17 @@ class QuantEvalEngine:
 
     def _logit_errors(self, window: np.ndarray) -> dict:
         run = window_logits_fn(self.base.config, window)
-        return logit_errors(run(self.base.params), run(self.model.params))
+        ours = (run(self.model.params) if self.kv_cache_dtype == "auto"
+                else paged_window_logits(self.model, window, self.kv_cache_dtype))
+        return logit_errors(run(self.base.params), ours)
 
     def _step_seconds(self, lens: list[int], new_tokens: list[list[int]]) -> tuple[float, float]:
         """(ours, the unquantized model's): median seconds of one model step over these sequences,
         both timed in turn, step by step, after two warm-up steps each."""
         steps = []
-        for model in (self.model, self.base):
-            runner, tables = scattered_runner(model, lens, np.random.default_rng(0), "paged_cpu")
+        for model, kv_cache_dtype in ((self.model, self.kv_cache_dtype), (self.base, "auto")):
+            runner, tables = scattered_runner(model, lens, np.random.default_rng(0), "paged_cpu",
+                                              kv_cache_dtype=kv_cache_dtype)
             seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
             steps.append(functools.partial(runner.step, seqs))
         ours, base = paired_median_seconds(steps, self.run_config.iterations, warmups=2)
@@ -138,10 +148,11 @@ class QuantEvalEngine:
         rc = self.run_config
         start = time.perf_counter()
         ids = np.asarray(text_token_ids(self.model), np.int32)
-        ppl, scored = perplexity(self.model, ids.tolist(), window=rc.window, max_windows=rc.perplexity_windows)
-        chat = held_out_prompt_ids(self.model, rc.calibration_windows * CALIBRATION_WINDOW,
-                                   rc.window * rc.perplexity_windows)
-        chat_ppl, _ = perplexity(self.model, chat, window=rc.window, max_windows=rc.perplexity_windows)
+        score = functools.partial(perplexity, self.model, window=rc.window, max_windows=rc.perplexity_windows,
+                                  kv_cache_dtype=self.kv_cache_dtype)
+        ppl, scored = score(ids.tolist())
+        chat_ppl, _ = score(held_out_prompt_ids(self.model, rc.calibration_windows * CALIBRATION_WINDOW,
+                                                rc.window * rc.perplexity_windows))
         extra = {"bits_per_weight": self.bits_per_weight, "model_bytes": self.model_bytes, "perplexity": ppl,
                  "perplexity_tokens": scored, "prompt_perplexity": chat_ppl, **self._logit_errors(ids[:rc.window])}
         for batch in DECODE_BATCHES:

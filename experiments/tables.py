@@ -87,6 +87,7 @@ FUSION_COLUMNS = [
 # quantization: one scheme per run, size / accuracy / speed (speed None for block formats)
 QUANT_COLUMNS = [
     ("config.quantization", "scheme", "{}"),
+    ("config.kv_cache_dtype", "KV cache", "{}"),
     ("bits_per_weight", "bits / weight", "{:.2f}"),
     ("model_bytes", "model MB", "{:.1f}"),
     ("perplexity", "perplexity", "{:.3f}"),
