@@ -122,8 +122,10 @@ print(f"{kept.nbytes} bytes kept (the file's {tensor.data.nbytes}); max |kernel 
     ("md", """## 7. The measured table (real SmolLM2-135M, from the committed results file)
 Bits per weight, model size, perplexity on lee_background.cor, logit error against the base, and
 decode / prompt speed where the model runs on the quantized leaves (Q5 and K-quant formats: accuracy
-only). The `llama.cpp-*` rows are llama.cpp itself on GGUF files holding the same blocks: the same
-perplexities, and the speed of kernels that multiply the integer codes directly."""),
+only). The `*-int8-kv` rows add an INT8 paged KV cache (scales folded into the weights; perplexity
+through the paged path, where K and V are rounded). The `llama.cpp-*` rows are llama.cpp itself on
+GGUF files holding the same blocks: the same perplexities, and the speed of kernels that multiply
+the integer codes directly."""),
     ("code", """result = json.load(open("docs/results/quantization/results.json"))
 fmt = lambda value, spec: "-" if value is None else format(value, spec)
 print(f"{'run':20s} {'bits/w':>6s} {'MB':>6s} {'ppl':>7s} {'top-1':>6s} {'b1 tok/s':>8s} {'b64 tok/s':>9s}")
