@@ -11,7 +11,9 @@ F32 reads them at ~35 GB/s on these 2 cores (64.9 tok/s, `decode_batch1.yaml`).
 each written two ways: a dot over the dequantized weight (what the model's `linear` does: XLA CPU
 writes an f32 copy of the weight first) and `quantization.reduce_matmul`'s multiply-reduce (which
 reads the codes inside one fusion); and as W8A8 (`quantization.w8a8`: an s8 x s8 -> s32 dot), with
-a single row padded to two as `int8_dot` does and without (XLA CPU's one-row s8 dot is slow).
+a single row padded to two as `int8_dot` does and without (XLA CPU's one-row s8 dot is slow); and
+int8 weights in groups of 32 rows (Q8_0's layout) multiplied as llama.cpp multiplies Q8_0 blocks
+(`blockwise_int8_matmul`: activations rounded to int8 per group, one s8 dot per group).
 """
 
 from __future__ import annotations
@@ -51,9 +53,30 @@ def _unpadded_w8a8(x, weight):
     return acc.astype(jnp.float32) * act * weight.scales
 
 
+def blockwise_int8_matmul(x, weight):
+    """x f32[tokens, in] times int8 codes in groups of rows (`QuantizedTensor`, bits 8, symmetric:
+    Q8_0's layout) the way llama.cpp multiplies Q8_0: each token's activations rounded to int8 per
+    group (one scale per token and group), an s8 x s8 -> s32 dot per group (batched over groups),
+    then both scales applied and the groups summed; a single token padded to two rows, as
+    `int8_dot` pads it. f32[tokens, out]."""
+    rows, out = weight.shape
+    group = weight.group_size or rows
+    tokens, groups = x.shape[0], rows // group
+    if tokens == 1:
+        return blockwise_int8_matmul(jnp.pad(x, ((0, 1), (0, 0))), weight)[:1]
+    xg = x.reshape(tokens, groups, group)  # f32[tokens, groups, group]
+    act = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / 127.0
+    act = jnp.where(act > 0, act, 1.0)  # f32[tokens, groups, 1]
+    xq = jnp.round(xg / act).astype(jnp.int8)  # s8[tokens, groups, group]
+    acc = jax.lax.dot_general(xq, weight.values.reshape(groups, group, out), (((2,), (1,)), ((1,), (0,))),
+                              preferred_element_type=jnp.int32)  # s32[groups, tokens, out]
+    return jnp.einsum("gto,tg,go->to", acc.astype(jnp.float32), act[..., 0], weight.scales.astype(jnp.float32))
+
+
 def time_quantized(layers, batches) -> None:
     """The projection chain in f32, with int8 / int4-g32 weights as dequantize + dot or
-    multiply-reduce, and as W8A8 (int8 activations too) with and without the one-row padding."""
+    multiply-reduce, as W8A8 (int8 activations too) with and without the one-row padding, and with
+    Q8_0-layout int8 weights as llama.cpp's per-group integer dots."""
     dequantize_dot = projection_chain(lambda x, w: x @ (w if isinstance(w, jax.Array) else w.dequantize(jnp.float32)))
     reduce = projection_chain(reduce_matmul)
     quantized = {f"int{bits}": [{n: quantize_weight(w, bits, group) for n, w in layer.items()} for layer in layers]
@@ -61,6 +84,8 @@ def time_quantized(layers, batches) -> None:
     w8a8_weights = [{n: quantize_w8a8(w) for n, w in layer.items()} for layer in layers]
     w8a8 = projection_chain(lambda x, w: w.matmul(x))
     w8a8_unpadded = projection_chain(lambda x, w: _unpadded_w8a8(x, w))
+    q8_0 = [{n: quantize_weight(w, 8, 32) for n, w in layer.items()} for layer in layers]
+    blockwise = projection_chain(blockwise_int8_matmul)
     print("| weights | matmul | batch | ms |")
     print("|---|---|---|---|")
     for batch in batches:
@@ -71,6 +96,8 @@ def time_quantized(layers, batches) -> None:
                 print(f"| {name} | {label} | {batch} | {time_ms(chain, x, weights):.1f} |", flush=True)
         for label, chain in (("s8 x s8 -> s32 dot", w8a8), ("the same, one row unpadded", w8a8_unpadded)):
             print(f"| w8a8 | {label} | {batch} | {time_ms(chain, x, w8a8_weights):.1f} |", flush=True)
+        print(f"| int8 groups of 32 (Q8_0) | llama.cpp's: int8 activations per group, s8 dots batched over groups "
+              f"| {batch} | {time_ms(blockwise, x, q8_0):.1f} |", flush=True)
 
 
 @jax.jit
