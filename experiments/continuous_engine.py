@@ -15,7 +15,7 @@ server with a precompiled bucket grid does, and the run reports how many steps d
 
 With `kv_cache_dtype: int8` (or `fp8_e4m3` with `calculate_kv_scales: true`) the run first folds
 per-head K / V scales into the model's weights (`quantization/kv_int8.py`): absmax / 127 (FP8:
-/ 448) over `KV_CALIBRATION_WINDOWS` windows of 256 ShareGPT prompt tokens
+/ 448) over `quant_calibration.KV_CALIBRATION_WINDOWS` windows of 256 ShareGPT prompt tokens
 (`experiments/quant_calibration.py`), part of the engine's build, so of its startup.
 """
 

@@ -61,6 +61,10 @@ def blockwise_int8_matmul(x, weight):
     `int8_dot` pads it. f32[tokens, out]."""
     rows, out = weight.shape
     group = weight.group_size or rows
+    if weight.bits != 8 or weight.zeros is not None or weight.mins is not None or rows % group:
+        raise ValueError("blockwise_int8_matmul takes symmetric 8-bit codes in whole groups (Q8_0's layout), got "
+                         f"bits {weight.bits}, zeros/mins {weight.zeros is not None or weight.mins is not None}, "
+                         f"{rows} rows in groups of {group}")
     tokens, groups = x.shape[0], rows // group
     if tokens == 1:
         return blockwise_int8_matmul(jnp.pad(x, ((0, 1), (0, 0))), weight)[:1]

@@ -3,10 +3,10 @@
 Token t of a window is scored given tokens 0..t-1 of the same window (the first token of each window
 is not scored), which is what llama.cpp's `perplexity` tool does with `--ctx-size window`.
 
-With a float KV cache the window runs through the plain causal forward (the same arithmetic as the
-engine's). A quantized cache (`kv_cache_dtype: int8` / `fp8_e4m3`) rounds every K and V the
-attention reads, which that forward never does, so such a window runs through the engine's paged
-path instead: one prefill of the window into a paged cache of that dtype, written then read back
+On the model's own f32 K / V (`kv_cache_dtype` auto or float32) the window runs through the plain
+causal forward (the same arithmetic as the engine's). Any other cache dtype (int8, fp8_e4m3, a
+16-bit float) rounds every K and V the attention reads, which that forward never does, so such a
+window runs through the engine's paged path instead: one prefill of the window into a paged cache of that dtype, written then read back
 by the `paged_cpu` kernels as every engine step does (as llama.cpp's `perplexity` reads its
 quantized cache).
 """
@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from continuous_batching.engine_config import KV_CACHE_DTYPES
 from models.attention import paged_backend
 from models.llama import forward
 from paged_attention.kv_cache import cache_dtype, init_paged_kv_cache
+from quantization.kv_int8 import check_folded_scales
 
 FLOAT_CACHES = ("auto", "float32")  # kv_cache_dtype values whose cache stores the model's f32 K / V as they are
 
@@ -75,7 +77,12 @@ def _paged_logits(params, tokens, kv_cache, metadata, *, config, backend):
 def paged_window_logits(model: models.Model, window: np.ndarray, kv_cache_dtype: str,
                         backend: str = "paged_cpu", block_size: int = 16) -> np.ndarray:
     """f32[window, vocab]: the logits of one token window prefilled as one sequence into a fresh
-    paged cache of `kv_cache_dtype` (its K / V written, then attended from the cache)."""
+    paged cache of `kv_cache_dtype` (its K / V written, then attended from the cache). An int8 cache
+    needs the model's K / V scales folded in (`experiments.quant_calibration.with_calibrated_kv_scales`)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "int8":
+        check_folded_scales(model.params, "int8", "kv_cache_dtype")
     config, num_tokens = model.config, len(window)
     num_blocks = -(-num_tokens // block_size)
     metadata = paged_backend(backend).metadata_builder(block_size, num_blocks, config.num_kv_heads).build(

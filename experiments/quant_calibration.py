@@ -128,10 +128,11 @@ def kv_absmax(model: models.Model, tokens) -> tuple[np.ndarray, np.ndarray]:
 KV_CALIBRATION_WINDOWS = 16  # scaled KV caches: 256-token ShareGPT windows whose K / V absmax sets the scales
 
 
-def with_calibrated_kv_scales(model: models.Model, cache_dtype: str) -> models.Model:
+def with_calibrated_kv_scales(model: models.Model, cache_dtype: str,
+                              num_windows: int = KV_CALIBRATION_WINDOWS) -> models.Model:
     """The model with per-layer, per-KV-head K / V scales for a `cache_dtype` cache folded into its
-    weights (`quantization.kv_int8.fold_kv_scales`), from the absmax over `KV_CALIBRATION_WINDOWS`
+    weights (`quantization.kv_int8.fold_kv_scales`), from the absmax over the first `num_windows`
     calibration windows; its logits are the same on a float cache."""
-    absmax = kv_absmax(model, calibration_windows(model, KV_CALIBRATION_WINDOWS))
+    absmax = kv_absmax(model, calibration_windows(model, num_windows))
     return dataclasses.replace(model, params=fold_kv_scales(model.params, model.config, *absmax,
                                                             cache_dtype=cache_dtype))

@@ -93,7 +93,7 @@ class QuantEvalEngine:
         self.run_config, self.base = run_config, model
         scheme, self.kv_cache_dtype = run_config.quantization, run_config.kv_cache_dtype
         if self.kv_cache_dtype != "auto":  # the scheme quantizes the folded weights
-            model = with_calibrated_kv_scales(model, self.kv_cache_dtype)
+            model = with_calibrated_kv_scales(model, self.kv_cache_dtype, run_config.calibration_windows)
         kept = blocks_as_tensors(model.params, scheme) if scheme in BLOCK_FORMAT_NAMES else None
         if scheme in BLOCK_FORMAT_NAMES and kept is None:  # rounded through the blocks, run dequantized
             params, blocks = round_through_blocks(model.params, scheme)

@@ -103,7 +103,7 @@ def blocked_argmax(logits: jax.Array, block: int = ARGMAX_BLOCK) -> jax.Array:
     """jnp.argmax over the last axis (the first maximum; the first NaN if any), as plain reductions:
     each block's max, the first block holding the row's max, then the first max inside that block.
     XLA CPU runs argmax's (value, index) reduce as a scalar loop (~7 ms for 64 rows of SmolLM2's
-    49,152 logits); these reductions vectorize (~0.7 ms). That vectorized max may drop a NaN, so a
+    49,152 logits); these reductions vectorize (~1 ms). That vectorized max may drop a NaN, so a
     batch whose row sums are not all finite (a NaN or an infinite logit: a broken model, or masked
     logits) takes plain argmax instead. logits f32[..., vocab] -> i32[...]."""
     vocab = logits.shape[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import models
 from experiments.matvec_chain import PROJECTIONS, blockwise_int8_matmul, independent_matvecs, weight_matmuls
@@ -44,4 +45,6 @@ def test_blockwise_int8_matmul_is_the_grouped_weight_times_int8_rounded_activati
     rounded = (np.round(groups / np.where(scale > 0, scale, 1)) * scale).reshape(3, 96)
     np.testing.assert_allclose(got, rounded @ dense, rtol=1e-4, atol=1e-4)
     assert np.abs(got - x @ dense).max() < 0.02 * np.abs(x @ dense).max()
-    np.testing.assert_array_equal(np.asarray(blockwise_int8_matmul(jnp.asarray(x[:1]), w)), got[:1])  # padded
+    np.testing.assert_allclose(np.asarray(blockwise_int8_matmul(jnp.asarray(x[:1]), w)), got[:1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="symmetric 8-bit codes in whole groups"):
+        blockwise_int8_matmul(jnp.asarray(x), quantize_weight(jnp.ones((96, 40)), 4, 32))
