@@ -68,10 +68,8 @@ def blockwise_int8_matmul(x, weight):
     tokens, groups = x.shape[0], rows // group
     if tokens == 1:
         return blockwise_int8_matmul(jnp.pad(x, ((0, 1), (0, 0))), weight)[:1]
-    xg = x.reshape(tokens, groups, group)  # f32[tokens, groups, group]
-    act = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / 127.0
-    act = jnp.where(act > 0, act, 1.0)  # f32[tokens, groups, 1]
-    xq = jnp.round(xg / act).astype(jnp.int8)  # s8[tokens, groups, group]
+    # s8[tokens, groups, group], f32[tokens, groups, 1]: W8A8's per-token rounding, once per group
+    xq, act = quantize_activations(x.reshape(tokens, groups, group), None, None)
     acc = jax.lax.dot_general(xq, weight.values.reshape(groups, group, out), (((2,), (1,)), ((1,), (0,))),
                               preferred_element_type=jnp.int32)  # s32[groups, tokens, out]
     return jnp.einsum("gto,tg,go->to", acc.astype(jnp.float32), act[..., 0], weight.scales.astype(jnp.float32))

@@ -6,9 +6,9 @@ is not scored), which is what llama.cpp's `perplexity` tool does with `--ctx-siz
 On the model's own f32 K / V (`kv_cache_dtype` auto or float32) the window runs through the plain
 causal forward (the same arithmetic as the engine's). Any other cache dtype (int8, fp8_e4m3, a
 16-bit float) rounds every K and V the attention reads, which that forward never does, so such a
-window runs through the engine's paged path instead: one prefill of the window into a paged cache of that dtype, written then read back
-by the `paged_cpu` kernels as every engine step does (as llama.cpp's `perplexity` reads its
-quantized cache).
+window runs through the engine's paged path instead: one prefill of the window into a paged cache
+of that dtype, written then read back by the `paged_cpu` kernels as every engine step does (as
+llama.cpp's `perplexity` reads its quantized cache).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class QuantEvalEngine:
                                               kv_cache_dtype=kv_cache_dtype)
             seqs = [Sequence.in_cache(t, n, new) for t, n, new in zip(tables, lens, new_tokens)]
             steps.append(functools.partial(runner.step, seqs))
-        ours, base = paired_median_seconds(steps, self.run_config.iterations, warmups=2)
+        ours, base = paired_median_seconds(steps, self.run_config.iterations, warmups=2)  # compile, warm caches
         return ours, base
 
     def _speed(self, extra: dict, name: str, tokens: int, lens: list[int], new_tokens: list[list[int]]) -> None:
