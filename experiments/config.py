@@ -145,7 +145,7 @@ class QuantEvalRunConfig(Strict):
     window: int = Field(default=512, gt=1)  # tokens per perplexity window
     context_len: int = Field(default=256, gt=0)  # decode timing: each sequence's context
     prompt_len: int = Field(default=512, gt=0)  # prefill timing: one sequence's prompt
-    iterations: int = Field(default=5, gt=0)  # timed steps per measurement (median)
+    iterations: int = Field(default=9, gt=0)  # timed steps per measurement (median)
     calibration_windows: int = Field(default=16, gt=0)  # calibrated schemes: 256-token windows of ShareGPT prompts
     kv_cache_dtype: Literal["auto", "int8"] = "auto"  # int8: calibrated K / V scales folded in first, accuracy via the paged path
 

@@ -19,6 +19,10 @@ Usage (host side once per model step, for all layers):
 - A step whose block tables hold few pages in all (batch-1 decode, a few short sequences: at most
   DENSE_MAX_PAGES, padding included) skips the loop: one gather of every page in the tables and one
   masked softmax, since the loop's fixed costs (a chunk of CHUNK pairs, mostly padding) dominate there.
+- An int8 cache's keys and values are gathered in one fusion and then converted to f32 one by one;
+  gathered apart, XLA fuses the values' convert into the probs . values multiply-reduce, which then
+  converts each value once per query head of its group (an FP8 cache, whose convert is a software
+  routine on CPU, measured slower the stacked way and keeps the two gathers).
 - The chunked loop keeps every temporary small (XLA CPU allocates each execution's temporaries
   anew, and big fresh allocations page-fault); probs . values is a multiply-reduce because a
   batched dot contracting the probs' non-minor dimension takes a slow XLA CPU path.
@@ -85,6 +89,17 @@ def gather_rows(flat, idx):
     return lax.gather(flat, idx[:, None], _ROWS_DN, slice_sizes=(1, flat.shape[1]), mode=_PROMISE)
 
 
+def gather_keys_values(kflat, vflat, rows, shape):
+    """The cache rows `rows` (i32[n], in bounds) of kflat and vflat [num_rows, width], each reshaped
+    to `shape` and converted to f32: keys, values f32[*shape]. An int8 cache's two gathers are
+    stacked so that each convert happens once, outside the multiply-reduce that reads the values."""
+    if kflat.dtype == jnp.int8:
+        both = jnp.stack([gather_rows(kflat, rows), gather_rows(vflat, rows)]).astype(jnp.float32)
+        return both[0].reshape(shape), both[1].reshape(shape)
+    return (gather_rows(kflat, rows).reshape(shape).astype(jnp.float32),
+            gather_rows(vflat, rows).reshape(shape).astype(jnp.float32))
+
+
 def _block_partials(scaled_q, keys, values, valid):
     """Partial softmax over one page for each of n (query, page) items.
 
@@ -117,8 +132,7 @@ def _page_partials(scaled_q, kflat, vflat, blocks, valid, num_blocks: int):
     num_seqs, num_kv_heads, _, head_dim = scaled_q.shape
     rows = ((jnp.arange(num_kv_heads, dtype=jnp.int32) * num_blocks)[:, None] + blocks.reshape(1, -1)).reshape(-1)
     shape = (num_kv_heads, num_seqs, valid.shape[1], head_dim)
-    keys = gather_rows(kflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
-    values = gather_rows(vflat, rows).reshape(shape).astype(jnp.float32)  # f32[*shape]
+    keys, values = gather_keys_values(kflat, vflat, rows, shape)  # f32[*shape] each
     return _block_partials(scaled_q.transpose(1, 0, 2, 3), keys, values, valid)
 
 
@@ -158,8 +172,7 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, 
         rows = pair_rows[i]
         chunk_q = gather_rows(q_flat, pair_query[i]).reshape(chunk, num_kv_heads, group, head_dim)
         chunk_q = chunk_q.transpose(1, 0, 2, 3)  # f32[num_kv_heads, chunk, group, head_dim]
-        keys = gather_rows(kflat, rows).reshape(num_kv_heads, chunk, block_size, head_dim).astype(jnp.float32)
-        values = gather_rows(vflat, rows).reshape(num_kv_heads, chunk, block_size, head_dim).astype(jnp.float32)
+        keys, values = gather_keys_values(kflat, vflat, rows, (num_kv_heads, chunk, block_size, head_dim))
         block_max, block_sum, block_out = _block_partials(chunk_q, keys, values, None)
         return (lax.dynamic_update_slice(pair_max, block_max, (0, i * chunk, 0)),
                 lax.dynamic_update_slice(pair_sum, block_sum, (0, i * chunk, 0)),

@@ -67,7 +67,8 @@ def test_paged_readers_widen_the_int8_cache(rng):
     pairs = build_decode_indices(tables, context_lens, k8.shape[1], NUM_KV_HEADS, block_size)
     for name, out in {"pallas": paged_decode_attention(*args, interpret=True),
                       "reference": paged_decode_attention_reference(*args),
-                      "cpu": paged_decode_attention_cpu(*args, *map(jnp.asarray, pairs))}.items():
+                      "cpu": paged_decode_attention_cpu(*args, *map(jnp.asarray, pairs)),
+                      "cpu-chunked": paged_decode_attention_cpu(*args, *map(jnp.asarray, pairs), dense_max_pages=0)}.items():
         np.testing.assert_allclose(np.asarray(out), expected, atol=1e-3, rtol=1e-5, err_msg=name)
     query_start_loc = np.array([0, 1, 6, 6, 10], np.int32)  # 1, 5, 0 and 4 new tokens
     q = jnp.asarray(rng.standard_normal((12, NUM_KV_HEADS * group, head_dim)) / 40, jnp.float32)
