@@ -46,13 +46,6 @@ def projection_chain(matmul):
     return chain
 
 
-def _unpadded_w8a8(x, weight):
-    """A W8A8 matmul without `int8_dot`'s padding of a single row: what XLA CPU does with one."""
-    xq, act = quantize_activations(x, weight.smooth, weight.act_scale)
-    acc = jax.lax.dot_general(xq, weight.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) * act * weight.scales
-
-
 def blockwise_int8_matmul(x, weight):
     """x f32[tokens, in] times int8 codes in groups of rows (`QuantizedTensor`, bits 8, symmetric:
     Q8_0's layout) the way llama.cpp multiplies Q8_0: each token's activations rounded to int8 per
@@ -85,7 +78,7 @@ def time_quantized(layers, batches) -> None:
                  for bits, group in ((8, 0), (4, 32))}
     w8a8_weights = [{n: quantize_w8a8(w) for n, w in layer.items()} for layer in layers]
     w8a8 = projection_chain(lambda x, w: w.matmul(x))
-    w8a8_unpadded = projection_chain(lambda x, w: _unpadded_w8a8(x, w))
+    w8a8_unpadded = projection_chain(lambda x, w: w.matmul(x, pad_single_row=False))
     q8_0 = [{n: quantize_weight(w, 8, 32) for n, w in layer.items()} for layer in layers]
     blockwise = projection_chain(blockwise_int8_matmul)
     print("| weights | matmul | batch | ms |")

@@ -53,10 +53,11 @@ class W8A8Tensor:
             weight = weight / self.smooth[:, None]
         return weight.astype(dtype or self.scales.dtype)
 
-    def matmul(self, x: jax.Array) -> jax.Array:
-        """x [..., in] -> [..., out] in x's dtype, through an int8 x int8 -> int32 dot."""
+    def matmul(self, x: jax.Array, pad_single_row: bool = True) -> jax.Array:
+        """x [..., in] -> [..., out] in x's dtype, through an int8 x int8 -> int32 dot (`int8_dot`;
+        pad_single_row False only to time what XLA CPU does with one row)."""
         xq, act = quantize_activations(x, self.smooth, self.act_scale)
-        acc = int8_dot(xq, self.values)  # i32[..., out]
+        acc = int8_dot(xq, self.values, pad_single_row)  # i32[..., out]
         return (acc.astype(jnp.float32) * act * self.scales.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -73,13 +74,13 @@ def quantize_activations(x: jax.Array, smooth: jax.Array | None,
     return jnp.clip(jnp.round(xs / act), -127, 127).astype(jnp.int8), act
 
 
-def int8_dot(xq: jax.Array, values: jax.Array) -> jax.Array:
+def int8_dot(xq: jax.Array, values: jax.Array, pad_single_row: bool = True) -> jax.Array:
     """xq s8[..., in] . values s8[in, out] -> s32[..., out]. A single row is padded to two: XLA CPU
     runs a one-row s8 dot ~8x slower than the padded one (SmolLM2's 210 projections in a chain:
     `python -m experiments.matvec_chain --quantized --batch 1`)."""
     lead = xq.shape[:-1]
     rows = xq.reshape(-1, xq.shape[-1])  # s8[tokens, in]
-    if rows.shape[0] == 1:
+    if rows.shape[0] == 1 and pad_single_row:
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
     acc = lax.dot_general(rows, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return acc[:math.prod(lead)].reshape(*lead, values.shape[1])

@@ -51,6 +51,9 @@ def test_a_single_row_runs_as_a_two_row_int8_dot(rng):
         np.testing.assert_array_equal(np.asarray(got).reshape(96), np.asarray(q.matmul(x[:2]))[0])
         hlo = jax.jit(lambda x, q: q.matmul(x)).lower(one, q).compile().as_text()
         assert "s32[2,96]" in hlo and "s32[1,96]{1,0} dot" not in hlo
+    unpadded = jax.jit(lambda x, q: q.matmul(x, pad_single_row=False)).lower(x[:1], q).compile().as_text()
+    assert "s32[2,96]" not in unpadded  # what matvec_chain times as XLA's own one-row s8 dot
+    np.testing.assert_array_equal(np.asarray(q.matmul(x[:1], pad_single_row=False)), np.asarray(q.matmul(x[:1])))
 
 
 def test_activations_quantize_per_token_or_per_tensor_and_zero_tokens_keep_scale_one():
