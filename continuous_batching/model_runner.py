@@ -32,7 +32,7 @@ from continuous_batching.request import Sequence
 from continuous_batching.sampling_params import SamplingParams
 from models.attention import paged_backend
 from models.llama import forward
-from models.ops import Ops, get_ops
+from models.ops import Ops, get_ops, rope_cos_sin
 from continuous_batching.step_shapes import ShapeSet, StepShape
 from paged_attention.buckets import pow2_at_least, two_per_octave
 from paged_attention.kv_cache import (cache_dtype, copy_blocks, init_paged_kv_cache, kv_cache_bytes, swap_in_blocks,
@@ -50,10 +50,11 @@ NO_KEY = np.zeros(2, np.uint32)
 def _step(params, kv_cache, inputs, *, config, backend, ops, flags, sample=sample_tokens):
     """One model step on pages, then sampling; returns (i32[num_seqs] tokens, logprobs, kv_cache).
     inputs: (tokens i32[num_tokens], positions i32[num_tokens], metadata, logits_indices i32[num_seqs],
-    sampler inputs), moved to the device together."""
-    tokens, positions, metadata, logits_indices, sampler_inputs = inputs
+    sampler inputs, the positions' RoPE (cos, sin) f32[num_tokens, head_dim] built on the host),
+    moved to the device together."""
+    tokens, positions, metadata, logits_indices, sampler_inputs, rope = inputs
     logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config, backend=backend,
-                               ops=ops, logits_indices=logits_indices)
+                               ops=ops, logits_indices=logits_indices, rope=rope)
     next_tokens, logprobs = sample(logits, sampler_inputs, flags)
     return next_tokens, logprobs, kv_cache
 
@@ -267,7 +268,9 @@ class PagedModelRunner:
     def _inputs(self, ordered: list[Sequence], num_prefill: int, metadata: PagedMetadata, shape: StepShape,
                 flags: SamplerFlags) -> tuple:
         """The step's host arrays for `shape`: (tokens i32[num_tokens], positions i32[num_tokens],
-        metadata, logits_indices i32[num_rows]: each row's last new token, sampler inputs)."""
+        metadata, logits_indices i32[num_rows]: each row's last new token, sampler inputs, RoPE
+        (cos, sin) f32[num_tokens, head_dim]: built here once, since XLA CPU would otherwise recompute
+        sin / cos inside each fusion of each layer that reads them)."""
         num_tokens = shape.prefill_tokens + shape.decode_seqs
         num_rows = shape.prefill_seqs + shape.decode_seqs
         tokens = np.zeros(num_tokens, np.int32)
@@ -292,4 +295,6 @@ class PagedModelRunner:
             [0 if s is None else len(s.output) for s in row_seqs],
             [([], []) if s is None else (s.prompt, s.output) for s in row_seqs] if flags.penalties else None,
             num_rows)
-        return tokens, positions, metadata, last, sampler_inputs
+        config = self.model.config
+        return tokens, positions, metadata, last, sampler_inputs, rope_cos_sin(positions, config.head_dim,
+                                                                               config.rope_theta, xp=np)

@@ -15,7 +15,7 @@ from continuous_batching.step_shapes import StepShape
 class PreparedStep:
     shape: StepShape  # the (bucketed or covering) shape the step runs at
     flags: SamplerFlags
-    inputs: tuple  # host arrays: (tokens, positions, metadata, logits_indices, sampler inputs)
+    inputs: tuple  # host arrays: (tokens, positions, metadata, logits_indices, sampler inputs, rope)
     rows: list[int]  # each given sequence's row in the step's outputs
 
 

@@ -42,7 +42,7 @@ from experiments.metric_names import FUSION_OPS as OPS
 from experiments.trace import RunTrace
 from kernel_fusion.fuse_params import fuse_params
 from models.llama import decoder_layer
-from models.ops import Ops, get_ops, rope_cos_sin
+from models.ops import Ops, get_ops
 
 
 def _median_us(fn, args, cache_at: int | None, iterations: int) -> float:
@@ -110,11 +110,10 @@ class FusionBenchEngine:
         pass  # each measurement warms itself up
 
     def _layer_inputs(self):
-        runner, config = self.runner, self.model.config
-        tokens, positions, metadata, _, _ = jax.device_put(runner.prepare(self.seqs).inputs)
+        runner = self.runner
+        tokens, positions, metadata, _, _, (cos, sin) = jax.device_put(runner.prepare(self.seqs).inputs)
         params = runner.params
         hidden = Ops().embed(params["embed"], tokens)  # [num_tokens, hidden]
-        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
         return params["layers"][0], hidden, hidden * 0.5, cos, sin, positions, metadata
 
     def _op_calls(self, ops, layer, hidden, residual, cos, sin, positions, metadata):

@@ -56,18 +56,20 @@ def decoder_layer(layer: Params, hidden: jax.Array, residual: jax.Array | None, 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, kv_cache: list | None = None,
             metadata: Any = None, *, config: ModelConfig, backend: str = "contiguous", ops: str | Ops = "xla",
-            logits_indices: jax.Array | None = None) -> tuple[jax.Array, list | None]:
+            logits_indices: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None
+            ) -> tuple[jax.Array, list | None]:
     """Run the decoder.
 
     tokens, positions: i32[*lead] (e.g. [batch, tokens]). kv_cache: the backend's per-layer caches,
     or None to attend only within `tokens` (no cache). ops: the ops set (`models.ops`), by name or
     instance. logits_indices: optional i32[k] indices into the flattened tokens; when given, logits
-    are computed only there (skips the LM head for prompt tokens whose logits nobody reads). Returns
-    (f32 logits [*lead, vocab] or [k, vocab], kv_cache).
+    are computed only there (skips the LM head for prompt tokens whose logits nobody reads). rope:
+    the positions' (cos, sin) tables f32[*lead, head_dim] when the caller built them (`rope_cos_sin`),
+    else computed here. Returns (f32 logits [*lead, vocab] or [k, vocab], kv_cache).
     """
     ops = get_ops(ops)
     hidden, residual = ops.embed(params["embed"], tokens), None  # [*lead, hidden]
-    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
+    cos, sin = rope if rope is not None else rope_cos_sin(positions, config.head_dim, config.rope_theta)
     new_cache = None if kv_cache is None else []
     for i, layer in enumerate(params["layers"]):
         layer_cache = None if kv_cache is None else kv_cache[i]

@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernel_fusion.fuse_params import FUSED, fuse_params, pad_intermediate
 from kernel_fusion.qkv_rope import fused_qkv_rope
@@ -55,12 +56,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables f32[*positions.shape, head_dim] for the rotate-half RoPE convention."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # f32[..., head_dim/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, xp=jnp) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables f32[*positions.shape, head_dim] for the rotate-half RoPE convention; `xp=np`
+    builds them on the host (the paged runner does, once per step: traced, XLA CPU recomputes
+    sin / cos inside every fusion of every layer that reads them). The angles are the same f32
+    products either way; only the last bits of cos / sin can differ."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))  # f32[head_dim/2]
+    freqs = positions.astype(np.float32)[..., None] * xp.asarray(inv_freq)  # f32[..., head_dim/2]
+    angles = xp.concatenate([freqs, freqs], axis=-1)
+    return xp.cos(angles), xp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
