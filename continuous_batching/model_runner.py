@@ -221,12 +221,16 @@ class PagedModelRunner:
         return PreparedStep(own, flags, self._inputs(ordered, num_prefill, metadata, own, flags), rows)
 
     def run(self, prepared: "PreparedStep") -> tuple[np.ndarray, object]:
-        """Move a prepared step's inputs to the device (one transfer) and run the jitted step:
-        (i32[rows] next tokens on the host, device log-probs or None)."""
+        """Run the jitted step on a prepared step's inputs (placed on the mesh first, when there is
+        one): (i32[rows] next tokens on the host, device log-probs or None)."""
         if self.on_device_work is not None:
             self.on_device_work(("run", (prepared,)))
         self.record_shape(prepared)
-        inputs = jax.device_put(prepared.inputs, self.input_sharding)
+        # a one-program step on the default device takes the numpy leaves as they are: the jitted
+        # call's own transfer of them costs less host time than a device_put of the pytree (the
+        # unfused ops set, one program per op, would transfer them again for every op)
+        inputs = (prepared.inputs if self.input_sharding is None and self.ops.jit_step
+                  else jax.device_put(prepared.inputs, self.input_sharding))
         step = _model_step if self.ops.jit_step else functools.partial(_step, sample=_sample_alone)
         next_tokens, logprobs, self.kv_cache = step(
             self.params, self.kv_cache, inputs, config=self.model.config, backend=self.backend, ops=self.ops,
