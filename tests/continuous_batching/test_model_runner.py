@@ -94,3 +94,13 @@ def test_packed_cpu_prefill_spans_several_tiles_and_key_chunks(tiny_model):
     assert tokens["paged_cpu"] == tokens["paged_reference"]
     expected = models.generate(tiny_model, prompts, max_new_tokens=2, ignore_eos=True)
     assert tokens["paged_cpu"] == [expected[0][0], expected[0][1], expected[1][0]]
+
+
+def test_the_step_takes_its_rope_tables_from_the_host(tiny_model):
+    """The compiled step computes no sin / cos: traced in the step, XLA CPU fused them into every
+    fusion of every layer that reads the tables, computing them again in each."""
+    runner = PagedModelRunner(tiny_model, num_blocks=16, block_size=4, max_num_seqs=3, max_blocks_per_seq=4,
+                              backend="paged_cpu")
+    prepared = runner.prepare([in_cache([2, 7], 6, [5, 9, 14, 3, 7, 8]), in_cache([3], 2, [4])])
+    hlo = runner.lower(prepared).compile().as_text()
+    assert "sine(" not in hlo and "cosine(" not in hlo

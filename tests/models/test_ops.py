@@ -117,3 +117,14 @@ def test_decoder_layers_called_one_by_one_compose_into_forward(tiny_model):
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
     logits = ops.logits(x, head, transposed=config.tie_word_embeddings)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(forward(params, tokens, positions, config=config)[0]))
+
+
+def test_rope_tables_built_on_the_host_match_the_traced_ones():
+    """The runner's host tables (numpy) and the model's traced ones share their f32 angles; only the
+    last bits of cos / sin may differ."""
+    positions = np.arange(0, 8192, 7, dtype=np.int32)
+    host = rope_cos_sin(positions, 64, 10000.0, xp=np)
+    traced = jax.jit(lambda p: rope_cos_sin(p, 64, 10000.0))(positions)
+    for h, t in zip(host, traced):
+        assert h.dtype == np.float32 and h.shape == (len(positions), 64)
+        np.testing.assert_allclose(h, np.asarray(t), rtol=0, atol=1e-6)
