@@ -50,8 +50,8 @@ NO_KEY = np.zeros(2, np.uint32)
 def _step(params, kv_cache, inputs, *, config, backend, ops, flags, sample=sample_tokens):
     """One model step on pages, then sampling; returns (i32[num_seqs] tokens, logprobs, kv_cache).
     inputs: (tokens i32[num_tokens], positions i32[num_tokens], metadata, logits_indices i32[num_seqs],
-    sampler inputs, the positions' RoPE (cos, sin) f32[num_tokens, head_dim] built on the host),
-    moved to the device together."""
+    sampler inputs, the positions' RoPE (cos, sin) f32[num_tokens, head_dim]): the host arrays of
+    `PagedModelRunner.prepare`, which the jitted call transfers (or placed on the mesh first)."""
     tokens, positions, metadata, logits_indices, sampler_inputs, rope = inputs
     logits, kv_cache = forward(params, tokens, positions, kv_cache, metadata, config=config, backend=backend,
                                ops=ops, logits_indices=logits_indices, rope=rope)
